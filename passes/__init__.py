@@ -1,0 +1,6 @@
+"""Graph passes over the captured decoder (``GraphModule -> (GraphModule, PassReport)``), one per file.
+
+Importing this package registers every pass; ``tokopt passes`` lists them.
+"""
+
+from tokopt.passes import entropy_tap  # noqa: F401

@@ -1,0 +1,50 @@
+"""The KV cache as plain per-layer tensors, with a validity row per sequence.
+
+Slots ``[0, length)`` hold keys/values of earlier tokens; ``valid[b, s]`` says whether sequence ``b`` may
+attend to slot ``s`` (False for the null slot 0, left padding, and rejected draft nodes). A verify step
+appends N tree nodes at once (any mask over them); ``compact`` then keeps only the accepted slots, in order,
+so the cache stays contiguous.
+
+Example::
+
+    cache = KVCache.empty(spec, batch=1)
+    present = engine(ids, pos, mask, *cache.tensors)[1:]
+    cache = cache.extend(present, new_valid)
+    cache = cache.compact(torch.tensor([[0, 1, 2, 5, 7]]))   # keep slots 0-2 and tree nodes 5, 7
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    tensors: list  # [past_key.0, past_value.0, ...], each [B, kv_heads, length, head_dim]
+    valid: torch.Tensor  # [B, length] bool
+
+    @classmethod
+    def empty(cls, spec, batch: int, dtype=torch.float32, device="cpu") -> "KVCache":
+        """A cache holding only the masked null slot (see DecoderGraph: P must be >= 1)."""
+        shape = (batch, spec.num_kv_heads, 1, spec.head_dim)
+        tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * spec.num_layers)]
+        return cls(tensors, torch.zeros(batch, 1, dtype=torch.bool, device=device))
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def extend(self, present: list, new_valid: torch.Tensor) -> "KVCache":
+        """Adopt the graph's present tensors (past + N new slots) and mark the new slots' validity."""
+        return KVCache(list(present), torch.cat([self.valid, new_valid], dim=1))
+
+    def compact(self, keep: torch.Tensor) -> "KVCache":
+        """Keep slots ``keep`` ([length'] shared by the batch, or [B, length'] per row), in that order."""
+        if keep.dim() == 1:
+            tensors = [t.index_select(2, keep) for t in self.tensors]
+            return KVCache(tensors, self.valid.index_select(1, keep))
+        index = keep[:, None, :, None]
+        tensors = [t.gather(2, index.expand(t.shape[0], t.shape[1], keep.shape[1], t.shape[3])) for t in self.tensors]
+        return KVCache(tensors, self.valid.gather(1, keep))

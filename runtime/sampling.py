@@ -1,0 +1,67 @@
+"""Turning logits into the next token: greedy, or sampling with temperature, top-k and top-p.
+
+Processing follows Hugging Face's order and rules (temperature, then top-k, then top-p keeping at least one
+token), so a distribution here is the one HF would sample from. Speculative verification applies the same
+``process_logits`` to target and draft.
+
+Example::
+
+    params = SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, seed=0)
+    token = next_token(logits[:, -1], params, generator=params.generator())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokopt.errors import TokoptError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # HF's default; 0 disables
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise TokoptError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if self.top_k < 0:
+            raise TokoptError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise TokoptError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generator(self, device="cpu") -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p over the last dimension; filtered entries become ``-inf``."""
+    scores = logits.float()
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - params.top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[B, V]`` logits -> ``[B]`` token ids: argmax when greedy, else a draw from the processed distribution."""
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    probs = process_logits(logits, params).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,52 @@
+"""``tokopt.optimize``: capture a model's graph, run the configured passes, return a model that generates.
+
+Example::
+
+    model, tokenizer = tokopt.load()
+    opt = tokopt.optimize(model)                                   # default passes
+    opt = tokopt.optimize(model, OptimizeConfig(passes=()))        # capture only
+    print(opt.report)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tokopt.capture import capture
+from tokopt.models import load
+from tokopt.optimized_model import GenerationDefaults, OptimizedModel, Report
+from tokopt.pass_manager import run_passes
+from tokopt.progress import progress_step
+from tokopt.runtime.eager_engine import EagerEngine
+
+DEFAULT_PASSES = ("entropy_tap",)
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What ``optimize`` does: the ordered passes to run on the captured graph."""
+
+    passes: tuple = DEFAULT_PASSES
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def optimize(model=None, config: OptimizeConfig | None = None) -> OptimizedModel:
+    """Capture ``model`` (a loaded supported HF causal LM, a model name/path, or None for the default),
+    apply ``config.passes`` in order, and return an ``OptimizedModel`` running the result eagerly.
+
+    Example::
+
+        opt = tokopt.optimize(model)
+        ids = opt.generate(input_ids, max_new_tokens=32)
+    """
+    config = config or OptimizeConfig()
+    model, tokenizer = load(model)  # a name, a path, or a loaded model (checked, tokenizer found beside it)
+    with progress_step("capturing the decoder graph with torch.export"):
+        gm = capture(model)
+    gm, reports = run_passes(gm, list(config.passes))
+    meta = gm.meta["tokopt"]
+    engine = EagerEngine(gm, meta["spec"], meta["output_names"])
+    return OptimizedModel(engine, defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer,
+                          report=Report(reports, meta["capture_s"]), config=config, graph_module=gm)

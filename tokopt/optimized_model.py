@@ -1,0 +1,98 @@
+"""What ``tokopt.optimize`` and ``tokopt.load_engine`` return: an engine plus HF-shaped ``generate``.
+
+Example::
+
+    opt = tokopt.optimize(model)
+    out = opt.generate(input_ids, max_new_tokens=32)         # [B, T + new], like HF generate
+    print(opt.report)
+    opt.last_result.taps["entropy"]                           # per generated token, from the graph
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokopt.errors import PromptError
+from tokopt.pass_manager import format_reports
+from tokopt.runtime.generate import generate
+from tokopt.runtime.sampling import SamplingParams
+
+
+@dataclass
+class GenerationDefaults:
+    eos_token_ids: tuple = ()
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_model(cls, model) -> "GenerationDefaults":
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        pad = getattr(gen, "pad_token_id", None)
+        return cls(tuple(int(e) for e in eos), None if pad is None else int(pad))
+
+
+@dataclass
+class Report:
+    """Per-pass reports; prints as a table."""
+
+    passes: list = field(default_factory=list)
+    capture_s: float = 0.0
+
+    def __str__(self) -> str:
+        return f"capture: torch.export in {self.capture_s:.1f} s\n" + format_reports(self.passes)
+
+    def to_dict(self) -> dict:
+        return {"capture_s": self.capture_s, "passes": [r.to_dict() for r in self.passes]}
+
+
+class OptimizedModel:
+    """An engine (eager GraphModule, ONNX Runtime, ...) with tokopt's decode loop behind ``generate``."""
+
+    def __init__(self, engine, *, defaults: GenerationDefaults, tokenizer=None, report: Report | None = None,
+                 config=None, graph_module=None):
+        self.engine = engine
+        self.defaults = defaults
+        self.tokenizer = tokenizer
+        self.report = report or Report()
+        self.config = config
+        self.graph_module = graph_module
+        self.last_result = None
+
+    @property
+    def spec(self):
+        return self.engine.spec
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
+                 stop_strings=None, tokenizer=None, eos_token_id=None, pad_token_id=None) -> torch.Tensor:
+        """Generate like HF ``generate``: returns ``[B, T + new]`` ids (prompt, then new tokens, padded).
+
+        ``input_ids`` is ``[B, T]`` (left-padded, with ``attention_mask``) or ``[T]``. Greedy unless
+        ``do_sample``; ``seed`` makes sampling repeatable. Details of the run are in ``self.last_result``.
+        """
+        if isinstance(input_ids, str):
+            raise PromptError("generate() takes token ids; use tokopt.runtime.prompts.encode_prompts(tokenizer, "
+                              "[text]) or the CLI `tokopt generate \"PROMPT\"` for text")
+        if max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = self.defaults.eos_token_ids if eos_token_id is None else (
+            tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
+        result = generate(
+            self.engine, input_ids, attention_mask,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(do_sample, temperature, top_k, top_p, seed),
+            eos_token_ids=eos,
+            pad_token_id=self.defaults.pad_token_id if pad_token_id is None else pad_token_id,
+            stop_strings=stop_strings or (),
+            tokenizer=tokenizer or self.tokenizer,
+        )
+        self.last_result = result
+        return result.sequences
+
+    def __repr__(self) -> str:
+        return f"OptimizedModel(engine={self.engine.name}, model_type={self.spec.model_type})"
