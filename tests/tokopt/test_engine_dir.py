@@ -1,0 +1,158 @@
+"""The ONNX Runtime engine directory: export, manifest, greedy equality with eager/HF, incremental decode, CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokopt
+from tokopt.engine_dir import FORMAT_VERSION, export_engine, load_engine, read_manifest
+from tokopt.errors import EngineError
+from tokopt.runtime.prompts import encode_prompts
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Translate to German: The weather is nice today.",
+    "If a train travels 60 km in 45 minutes, what is its speed in km/h?",
+]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    model, tokenizer = tokopt.load(progress=False)
+    opt = tokopt.optimize(model)
+    opt.tokenizer = tokenizer
+    return model, tokenizer, opt
+
+
+@pytest.fixture(scope="module")
+def engine_dir(smol, tmp_path_factory):
+    model, _, opt = smol
+    path = tmp_path_factory.mktemp("engines") / "smollm2"
+    return export_engine(opt, path, model_config=model.config.to_dict(), model_name="smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def ort_opt(engine_dir):
+    return load_engine(engine_dir)
+
+
+def test_manifest_describes_the_engine(engine_dir, smol):
+    manifest = read_manifest(engine_dir)
+    spec = smol[2].spec
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["target"] == "onnx"
+    assert manifest["inputs"][:4] == ["input_ids", "position_ids", "attention_mask", "logits_rows"]
+    assert len(manifest["inputs"]) == 4 + 2 * spec.num_layers
+    assert manifest["outputs"][-2:] == ["entropy", "max_logprob"]
+    assert manifest["passes"] == ["entropy_tap"]
+    assert {"tokopt", "torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["versions"])
+    assert manifest["model"]["config"]["model_type"] == "llama"
+    assert (engine_dir / "model.onnx").is_file() and (engine_dir / "tokenizer").is_dir()
+    assert "entropy_tap" in (engine_dir / "report.md").read_text()
+
+
+def test_ort_greedy_tokens_equal_eager_and_hf(smol, ort_opt):
+    model, tokenizer, opt = smol
+    for prompt in PROMPTS:
+        ids, mask = encode_prompts(tokenizer, [prompt])
+        eager = opt.generate(ids, mask, max_new_tokens=24)
+        ort = ort_opt.generate(ids, mask, max_new_tokens=24)
+        with torch.inference_mode():
+            hf = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        assert torch.equal(ort, eager), prompt
+        assert torch.equal(eager, hf), prompt
+
+
+def test_ort_taps_match_eager(smol, ort_opt):
+    _, tokenizer, opt = smol
+    ids, mask = encode_prompts(tokenizer, [PROMPTS[0]])
+    opt.generate(ids, mask, max_new_tokens=8)
+    ort_opt.generate(ids, mask, max_new_tokens=8)
+    for name in ("entropy", "max_logprob"):
+        torch.testing.assert_close(ort_opt.last_result.taps[name], opt.last_result.taps[name], atol=2e-3, rtol=1e-3)
+
+
+def test_ort_decodes_incrementally_with_its_kv_cache(smol, ort_opt):
+    _, tokenizer, _ = smol
+    ids, mask = encode_prompts(tokenizer, [PROMPTS[1]])
+    calls = []
+    engine = ort_opt.engine
+    original = engine.__call__
+
+    class Recording:
+        spec = engine.spec
+        name = engine.name
+
+        def __call__(self, input_ids, position_ids, attention_mask, logits_rows, past):
+            calls.append((input_ids.shape[1], past[0].shape[2]))
+            return original(input_ids, position_ids, attention_mask, logits_rows, past)
+
+    ort_opt.engine = Recording()
+    try:
+        ort_opt.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    finally:
+        ort_opt.engine = engine
+    prompt_len = ids.shape[1]
+    assert calls[0] == (prompt_len, 1)  # prefill: the whole prompt after the null slot
+    assert [n for n, _ in calls[1:]] == [1] * 5  # then one token per step ...
+    assert [p for _, p in calls[1:]] == [1 + prompt_len + k for k in range(5)]  # ... against a growing cache
+
+
+def test_batched_padded_ort_equals_unbatched(smol, ort_opt):
+    _, tokenizer, _ = smol
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:2])
+    both = ort_opt.generate(ids, mask, max_new_tokens=12)
+    for row, prompt in enumerate(PROMPTS[:2]):
+        one_ids, one_mask = encode_prompts(tokenizer, [prompt])
+        alone = ort_opt.generate(one_ids, one_mask, max_new_tokens=12)
+        pad = ids.shape[1] - one_ids.shape[1]
+        assert both[row, pad:pad + alone.shape[1]].tolist() == alone[0].tolist()[: both.shape[1] - pad]
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tokopt", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_generate_with_engine_answers(engine_dir):
+    done = _cli("generate", "--engine", str(engine_dir), "--max-new-tokens", "24", "What is the capital of France?")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_cli_engine_errors_are_one_clear_line(engine_dir, tmp_path):
+    missing = _cli("generate", "--engine", str(tmp_path / "nope"), "hi")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+    old = tmp_path / "old"
+    shutil.copytree(engine_dir, old, ignore=shutil.ignore_patterns("*.onnx", "*.data"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="re-export"):
+        read_manifest(old)
+    incompatible = _cli("generate", "--engine", str(old), "hi")
+    assert incompatible.returncode == 2 and "re-export" in incompatible.stderr
+    assert "Traceback" not in incompatible.stderr and len(incompatible.stderr.strip().splitlines()) == 1
+
+    long_prompt = "word " * 9000  # far beyond the 8192-token context window
+    too_long = _cli("generate", "--engine", str(engine_dir), long_prompt)
+    assert too_long.returncode == 2 and "context window" in too_long.stderr
+    assert "Traceback" not in too_long.stderr
+
+
+def test_engine_runs_without_the_torch_model(engine_dir):
+    code = ("import sys, tokopt; from tokopt.runtime.prompts import encode_prompts;"
+            f"opt = tokopt.load_engine({str(engine_dir)!r});"
+            "ids, mask = encode_prompts(opt.tokenizer, ['What is the capital of France?']);"
+            "opt.generate(ids, mask, max_new_tokens=4);"
+            "assert 'transformers.models.llama.modeling_llama' not in sys.modules, 'the HF model class was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

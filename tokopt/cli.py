@@ -1,0 +1,182 @@
+"""The ``tokopt`` command: generate, export, bench, passes.
+
+Errors in what the user gave (a model, a prompt, an engine directory) print one line and exit 2; set
+``TOKOPT_DEBUG=1`` for a traceback.
+
+Example::
+
+    tokopt generate "What is the capital of France?"
+    tokopt export --target onnx -o engines/smollm2
+    tokopt generate --engine engines/smollm2 "What is the capital of France?"
+    tokopt bench --prompts 8 --repeats 3
+    tokopt passes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_sampling(p):
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50, help="0 disables (default 50, as HF)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a row once it contains TEXT")
+
+
+def _add_passes(p):
+    p.add_argument("--passes", default=None,
+                   help="comma-separated passes to run, in order (default: the default pipeline; '' for none)")
+
+
+def _config(args):
+    from tokopt.optimize import DEFAULT_PASSES, OptimizeConfig
+
+    if args.passes is None:
+        return OptimizeConfig(passes=DEFAULT_PASSES)
+    return OptimizeConfig(passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokopt", description="Optimize, export and run LLMs for fast inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one or more prompts",
+                       description="Generate an answer for each PROMPT (chat template applied for chat models), "
+                                   "with the default model, --model, or an exported --engine directory.")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="model name or local HF directory (default: SmolLM2-135M-Instruct)")
+    src.add_argument("--engine", default=None, metavar="DIR", help="an engine directory written by `tokopt export`")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--report", action="store_true", help="print the pass report and timings")
+    _add_passes(g)
+    _add_sampling(g)
+
+    e = sub.add_parser("export", help="export an engine directory ahead of time",
+                       description="Capture MODEL, run the passes and lower it to an engine directory.")
+    e.add_argument("model", nargs="?", default=None, help="model name or local HF directory (default: SmolLM2)")
+    e.add_argument("--target", default="onnx", choices=["onnx"], help="engine kind (default onnx)")
+    e.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
+    _add_passes(e)
+
+    b = sub.add_parser("bench", help="tokens/s of tokopt (eager, ONNX Runtime) against HF generate",
+                       description="Greedy tokens/s of HF generate, tokopt's eager loop and its ONNX Runtime engine on "
+                                   "the same prompts in one run, repeated; medians and ratios to JSON + markdown.")
+    b.add_argument("model", nargs="?", default=None, help="model name or local HF directory (default: SmolLM2)")
+    b.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
+    b.add_argument("--questions", default=None, metavar="JSONL",
+                   help="Spec-Bench-style questions file (default: the sample shipped with tokopt)")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--engines", default="hf,eager,onnx", help="comma-separated from hf, eager, onnx")
+    b.add_argument("--engine", default=None, metavar="DIR",
+                   help="ONNX engine directory (default: exported once into the tokopt cache)")
+    b.add_argument("--out", default="bench/out", metavar="DIR", help="where to write bench.json, bench.md, bench.png")
+    _add_passes(b)
+
+    sub.add_parser("passes", help="list the registered graph passes")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    import tokopt
+    from tokopt.errors import PromptError
+    from tokopt.runtime.prompts import decode_new_tokens, encode_prompts
+
+    if any(not p.strip() for p in args.prompts):  # before minutes of loading and capture
+        raise PromptError("empty prompt: give a non-blank PROMPT, e.g. tokopt generate \"What is the capital of France?\"")
+    if args.engine:
+        opt = tokopt.load_engine(args.engine)
+        if opt.tokenizer is None:
+            raise tokopt.TokoptError(f"{args.engine} has no tokenizer/ folder; re-export it with `tokopt export`")
+    else:
+        model, tokenizer = tokopt.load(args.model)
+        if tokenizer is None:
+            raise tokopt.TokoptError(f"{args.model} has no tokenizer files; text prompts need one")
+        opt = tokopt.optimize(model, _config(args))
+        opt.tokenizer = tokenizer
+    ids, mask = encode_prompts(opt.tokenizer, args.prompts, chat=False if args.no_chat else None)
+    out = opt.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       stop_strings=args.stop)
+    for i, text in enumerate(decode_new_tokens(opt.tokenizer, out, ids.shape[1])):
+        if len(args.prompts) > 1:
+            print(f"--- [{i}] {args.prompts[i]}")
+        print(text.strip())
+    if args.report:
+        r = opt.last_result
+        tokens = int(r.generated_counts.sum())
+        print(f"\n{opt.report}\n\nengine {opt.engine.name}: prefill {r.prefill_s:.2f} s, {tokens} tokens in "
+              f"{r.decode_s:.2f} s ({tokens / max(r.prefill_s + r.decode_s, 1e-9):.1f} tokens/s overall)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import tokopt
+    from tokopt.engine_dir import export_engine
+
+    model, tokenizer = tokopt.load(args.model)
+    opt = tokopt.optimize(model, _config(args))
+    opt.tokenizer = tokenizer
+    path = export_engine(opt, args.output, target=args.target, model_config=model.config.to_dict(),
+                         model_name=str(args.model or tokopt.models.DEFAULT_MODEL))
+    print(f"wrote {args.target} engine to {path}\n{opt.report}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tokopt.bench import BenchConfig, run_bench
+
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    config = BenchConfig(model=args.model, prompts=args.prompts, questions=args.questions,
+                         max_new_tokens=args.max_new_tokens, repeats=args.repeats, engines=engines,
+                         engine_dir=args.engine, out=args.out, passes=_config(args).passes)
+    run_bench(config)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from tokopt.optimize import DEFAULT_PASSES
+    from tokopt.pass_manager import registered_passes
+
+    passes = registered_passes()
+    width = max(len(n) for n in passes)
+    for name, p in passes.items():
+        mark = "*" if name in DEFAULT_PASSES else " "
+        print(f"{mark} {name.ljust(width)}  {p.description}")
+    print("\n* = in the default pipeline (order: " + ", ".join(DEFAULT_PASSES) + ")")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "passes": cmd_passes}
+
+
+def main(argv=None) -> int:
+    from tokopt.errors import TokoptError
+
+    args = build_parser().parse_args(argv)
+    debug = os.environ.get("TOKOPT_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command](args)
+    except TokoptError as exc:
+        if debug:
+            raise
+        print(f"tokopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line unless debugging
+        if debug:
+            raise
+        print(f"tokopt: internal error: {type(exc).__name__}: {exc} (set TOKOPT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,162 @@
+"""Engine directories: what ``tokopt export`` writes and ``tokopt generate --engine`` loads.
+
+Layout::
+
+    DIR/manifest.json      format, versions, model config, graph spec, input/output names, passes, report
+    DIR/report.md          the pass report as a table
+    DIR/model.onnx(.data)  the decoder graph with its KV cache inputs/outputs (ONNX, external weights)
+    DIR/tokenizer/         the tokenizer (and chat template)
+
+Example::
+
+    export_engine(tokopt.optimize(model), "engine/")
+    opt = load_engine("engine/")                   # no PyTorch model object needed
+    opt.generate(ids, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tokopt
+from tokopt.errors import EngineError, TokoptError
+from tokopt.optimized_model import GenerationDefaults, OptimizedModel, Report
+from tokopt.pass_manager import PassReport
+from tokopt.progress import progress_step
+from tokopt.runtime.decoder_graph import GraphSpec
+
+FORMAT = "tokopt-engine"
+FORMAT_VERSION = 1
+TARGETS = ("onnx",)
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"tokopt": tokopt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_config: dict | None = None,
+                  model_name: str = "") -> Path:
+    """Lower an optimized model to an engine directory (written whole, then moved into place)."""
+    if target not in TARGETS:
+        raise TokoptError(f"unknown export target {target!r}; this version exports: {', '.join(TARGETS)}")
+    gm = opt.graph_module
+    if gm is None:
+        raise TokoptError("this model has no graph to export (it was itself loaded from an engine directory)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise TokoptError(f"{out_dir} exists and is not an engine directory; choose an empty or new directory")
+    meta = gm.meta["tokopt"]
+    spec: GraphSpec = meta["spec"]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".tokopt-export-", dir=out_dir.parent) as tmp:
+        tmp = Path(tmp)
+        _write_onnx(gm, spec, meta["output_names"], tmp / "model.onnx")
+        if opt.tokenizer is not None:
+            opt.tokenizer.save_pretrained(tmp / "tokenizer")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "target": target,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": {"name": model_name, "config": model_config or {}},
+            "spec": spec.to_dict(),
+            "inputs": spec.input_names,
+            "outputs": meta["output_names"],
+            "dims": {"input_ids": "[batch, n_new]", "attention_mask": "[batch, 1, n_new, past + n_new] additive",
+                     "logits_rows": "[rows]", "past_*": "[batch, kv_heads, past >= 1, head_dim]",
+                     "logits": "[batch, rows, vocab]", "present_*": "[batch, kv_heads, past + n_new, head_dim]"},
+            "passes": [r.name for r in opt.report.passes],
+            "generation": {"eos_token_ids": list(opt.defaults.eos_token_ids), "pad_token_id": opt.defaults.pad_token_id},
+            "versions": _versions(),
+            "report": opt.report.to_dict() | {"export_s": time.perf_counter() - start},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / "report.md").write_text(f"# tokopt engine report\n\n```\n{opt.report}\n```\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        tmp.mkdir()  # TemporaryDirectory cleans up a path that must exist
+    return out_dir
+
+
+def _write_onnx(gm, spec, output_names, path: Path) -> None:
+    import logging
+    import warnings
+
+    from tokopt.capture import export_program
+
+    # The exporter warns about every torchvision op it cannot find; tokopt graphs use none.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+    with progress_step("re-exporting the optimized graph (torch.export)"):
+        program = export_program(gm, spec)
+    with progress_step("lowering to ONNX (torch.onnx, dynamo); about a minute for SmolLM2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, (), input_names=spec.input_names,
+                                             output_names=output_names, dynamo=True, external_data=True,
+                                             optimize=True, verbose=False)
+        onnx_program.save(str(path), external_data=True)
+
+
+def read_manifest(path) -> dict:
+    """The manifest of an engine directory, or an EngineError saying what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise EngineError(f"engine directory {path} does not exist; create one with `tokopt export -o {path}`")
+    manifest_path = path / "manifest.json"
+    if not path.is_dir() or not manifest_path.is_file():
+        raise EngineError(f"{path} is not a tokopt engine directory (no manifest.json); "
+                          f"create one with `tokopt export -o {path}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"{manifest_path} is damaged ({exc}); re-export the engine") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        made_by = manifest.get("versions", {}).get("tokopt", "unknown")
+        raise EngineError(
+            f"{path} holds engine format {manifest.get('format')!r} v{manifest.get('format_version')} "
+            f"(made by tokopt {made_by}); this tokopt {tokopt.__version__} reads {FORMAT!r} v{FORMAT_VERSION}: "
+            "re-export it with `tokopt export`")
+    return manifest
+
+
+def load_engine(path, *, threads: int | None = None) -> OptimizedModel:
+    """Load an engine directory as an OptimizedModel running on ONNX Runtime (no torch model needed)."""
+    from tokopt.runtime.ort_engine import OrtEngine
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["target"] != "onnx":
+        raise EngineError(f"{path} is a {manifest['target']!r} engine; this version runs 'onnx' engines")
+    model_file = path / "model.onnx"
+    if not model_file.is_file():
+        raise EngineError(f"{path} lacks model.onnx; re-export the engine with `tokopt export`")
+    spec = GraphSpec(**manifest["spec"])
+    engine = OrtEngine(model_file, spec, manifest["outputs"], threads=threads)
+    tokenizer = None
+    if (path / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    gen = manifest["generation"]
+    defaults = GenerationDefaults(tuple(gen["eos_token_ids"]), gen["pad_token_id"])
+    report = Report([PassReport(**r) for r in manifest["report"].get("passes", [])],
+                    manifest["report"].get("capture_s", 0.0))
+    opt = OptimizedModel(engine, defaults=defaults, tokenizer=tokenizer, report=report)
+    opt.manifest = manifest
+    return opt
