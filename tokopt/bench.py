@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tokopt.errors import TokoptError
+from tokopt.optimize import DEFAULT_PASSES
 from tokopt.progress import progress_step, quiet
 
 ENGINES = ("hf", "eager", "onnx")
@@ -39,7 +40,7 @@ class BenchConfig:
     engines: tuple = ENGINES
     engine_dir: str | None = None
     out: str = "bench/out"
-    passes: tuple = field(default_factory=lambda: ("entropy_tap",))
+    passes: tuple = field(default_factory=lambda: DEFAULT_PASSES)
 
 
 def load_questions(path=None, count: int = 8) -> list[str]:

@@ -19,7 +19,7 @@ from tokopt.pass_manager import run_passes
 from tokopt.progress import progress_step
 from tokopt.runtime.eager_engine import EagerEngine
 
-DEFAULT_PASSES = ("entropy_tap",)
+DEFAULT_PASSES = ("remove_noop_casts", "entropy_tap")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 import tokopt
 from tokopt.engine_dir import FORMAT_VERSION, export_engine, load_engine, read_manifest
 from tokopt.errors import EngineError
+from tokopt.optimize import DEFAULT_PASSES
 from tokopt.runtime.prompts import encode_prompts
 
 PROMPTS = [
@@ -50,7 +51,7 @@ def test_manifest_describes_the_engine(engine_dir, smol):
     assert manifest["inputs"][:4] == ["input_ids", "position_ids", "attention_mask", "logits_rows"]
     assert len(manifest["inputs"]) == 4 + 2 * spec.num_layers
     assert manifest["outputs"][-2:] == ["entropy", "max_logprob"]
-    assert manifest["passes"] == ["entropy_tap"]
+    assert manifest["passes"] == list(DEFAULT_PASSES)
     assert {"tokopt", "torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["versions"])
     assert manifest["model"]["config"]["model_type"] == "llama"
     assert (engine_dir / "model.onnx").is_file() and (engine_dir / "tokenizer").is_dir()
