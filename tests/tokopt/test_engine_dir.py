@@ -157,3 +157,21 @@ def test_engine_runs_without_the_torch_model(engine_dir):
             "assert 'transformers.models.llama.modeling_llama' not in sys.modules, 'the HF model class was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_20_spec_bench_prompts_64_tokens_identical_in_hf_eager_and_ort(smol, ort_opt):
+    """The issue's bar: greedy HF == tokopt eager == tokopt ORT over >= 20 real prompts x 64 new tokens."""
+    from tokopt.bench import load_questions
+
+    model, tokenizer, opt = smol
+    prompts = load_questions(None, 20)  # Spec-Bench questions shipped with tokopt, all categories
+    assert len(set(prompts)) == 20
+    for prompt in prompts:
+        ids, mask = encode_prompts(tokenizer, [prompt])
+        with torch.inference_mode():
+            hf = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+        eager = opt.generate(ids, mask, max_new_tokens=64)
+        ort = ort_opt.generate(ids, mask, max_new_tokens=64)
+        assert torch.equal(eager, hf), prompt[:60]
+        assert torch.equal(ort, eager), prompt[:60]
