@@ -97,10 +97,11 @@ def cmd_generate(args) -> int:
         if opt.tokenizer is None:
             raise tokopt.TokoptError(f"{args.engine} has no tokenizer/ folder; re-export it with `tokopt export`")
     else:
+        config = _config(args)
         model, tokenizer = tokopt.load(args.model)
         if tokenizer is None:
             raise tokopt.TokoptError(f"{args.model} has no tokenizer files; text prompts need one")
-        opt = tokopt.optimize(model, _config(args))
+        opt = tokopt.optimize(model, config)
         opt.tokenizer = tokenizer
     ids, mask = encode_prompts(opt.tokenizer, args.prompts, chat=False if args.no_chat else None)
     out = opt.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -123,8 +124,9 @@ def cmd_export(args) -> int:
     import tokopt
     from tokopt.engine_dir import export_engine
 
+    config = _config(args)  # bad pass names fail before the model loads
     model, tokenizer = tokopt.load(args.model)
-    opt = tokopt.optimize(model, _config(args))
+    opt = tokopt.optimize(model, config)
     opt.tokenizer = tokenizer
     path = export_engine(opt, args.output, target=args.target, model_config=model.config.to_dict(),
                          model_name=str(args.model or tokopt.models.DEFAULT_MODEL))
@@ -136,9 +138,10 @@ def cmd_bench(args) -> int:
     from tokopt.bench import BenchConfig, run_bench
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    passes = _config(args).passes
     config = BenchConfig(model=args.model, prompts=args.prompts, questions=args.questions,
                          max_new_tokens=args.max_new_tokens, repeats=args.repeats, engines=engines,
-                         engine_dir=args.engine, out=args.out, passes=_config(args).passes)
+                         engine_dir=args.engine, out=args.out, passes=passes)
     run_bench(config)
     return 0
 
