@@ -44,6 +44,11 @@ class GraphSpec:
     vocab_size: int
     max_positions: int
     model_type: str
+    dtype: str = "float32"  # of weights, activations and the KV cache
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     @property
     def input_names(self) -> list[str]:
@@ -73,6 +78,7 @@ def graph_spec(model) -> GraphSpec:
         vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings,
         model_type=config.model_type,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
 
 
@@ -90,12 +96,15 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.spec = graph_spec(model)
         config = model.config
-        if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        window = getattr(config, "sliding_window", None)
+        uses_window = getattr(config, "use_sliding_window", config.model_type in ("mistral", "mixtral"))
+        if uses_window and window and window < config.max_position_embeddings:
             from tokopt.errors import UnsupportedModelError
 
             raise UnsupportedModelError(
-                f"{config.model_type} with use_sliding_window=True is not supported yet; "
-                "load it with use_sliding_window=False (full attention)"
+                f"{config.model_type} with sliding-window attention (window {window} < context "
+                f"{config.max_position_embeddings}) is not supported yet; set config.sliding_window=None "
+                "(full attention) if that is what you want"
             )
         self.hf = model  # keeps the HF module tree (and so its parameter names) intact
         core = model.model
@@ -127,12 +136,12 @@ class DecoderGraph(nn.Module):
         batch, n, _ = x.shape
         head_dim = self.spec.head_dim
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        if self.clip_qkv is not None:  # OLMoE
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         per_head_norm = q_norm is not None and q_norm.weight.shape[-1] == head_dim
-        if q_norm is not None and not per_head_norm:  # OLMoE normalizes the whole projection
+        if q_norm is not None and not per_head_norm:  # OLMoE normalizes the whole projection ...
             q, k = q_norm(q), k_norm(k)
+        if self.clip_qkv is not None:  # ... then clips (after the norm, as HF does)
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(batch, n, -1, head_dim)
         k = k.view(batch, n, -1, head_dim)
         if per_head_norm:  # Qwen3 normalizes each head

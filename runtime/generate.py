@@ -49,7 +49,7 @@ def prefill(engine, input_ids, prompt_valid):
     """Run the whole prompt; return (StepOutput, cache)."""
     batch, n = input_ids.shape
     cache = KVCache.empty(engine.spec, batch)
-    mask = step_mask(cache.valid, causal_structure(n, batch), new_valid=prompt_valid)
+    mask = step_mask(cache.valid, causal_structure(n, batch), new_valid=prompt_valid, dtype=engine.spec.torch_dtype)
     last_row = torch.tensor([n - 1])  # prompts are left-padded: the last row is every sequence's last token
     out = engine(input_ids, prompt_positions(prompt_valid), mask, last_row, cache.tensors)
     return out, cache.extend(out.present, prompt_valid)
@@ -59,7 +59,7 @@ def decode_one_token(engine, cache, tokens, positions):
     """Feed one token per row at ``positions``; return (StepOutput, cache)."""
     batch = tokens.shape[0]
     ones = torch.ones(batch, 1, dtype=torch.bool)
-    mask = step_mask(cache.valid, causal_structure(1, batch))
+    mask = step_mask(cache.valid, causal_structure(1, batch), dtype=engine.spec.torch_dtype)
     out = engine(tokens[:, None], positions[:, None], mask, ONE_ROW, cache.tensors)
     return out, cache.extend(out.present, ones)
 
@@ -101,7 +101,7 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
                     else torch.as_tensor(attention_mask).bool())
     check_prompt(input_ids, prompt_valid, max_new_tokens, engine.spec.max_positions)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    pad = pad_token_id if pad_token_id is not None else (int(eos_token_ids[0]) if len(eos_token_ids) else 0)
     stopper = StopStrings(stop_strings, tokenizer)
     generator = sampling.generator()
     batch = input_ids.shape[0]

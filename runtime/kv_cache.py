@@ -26,10 +26,10 @@ class KVCache:
     valid: torch.Tensor  # [B, length] bool
 
     @classmethod
-    def empty(cls, spec, batch: int, dtype=torch.float32, device="cpu") -> "KVCache":
+    def empty(cls, spec, batch: int, dtype=None, device="cpu") -> "KVCache":
         """A cache holding only the masked null slot (see DecoderGraph: P must be >= 1)."""
         shape = (batch, spec.num_kv_heads, 1, spec.head_dim)
-        tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * spec.num_layers)]
+        tensors = [torch.zeros(shape, dtype=dtype or spec.torch_dtype, device=device) for _ in range(2 * spec.num_layers)]
         return cls(tensors, torch.zeros(batch, 1, dtype=torch.bool, device=device))
 
     @property

@@ -84,20 +84,20 @@ def spec_bench_questions():
 
 
 def spread_over_categories(questions, n):
-    """``n`` questions taking categories round-robin (in order of first appearance), first unused each."""
+    """``n`` questions over as many categories as possible: evenly spaced categories (in order of first
+    appearance) when ``n`` is smaller than their number, else round-robin, taking each category's next question."""
     by_cat: dict[str, list] = {}
     for q in questions:
         by_cat.setdefault(q["category"], []).append(q)
     cats = list(by_cat)
-    picked, k = [], 0
-    while len(picked) < n:
-        cat = cats[k % len(cats)]
-        round_ = k // len(cats)
-        if round_ < len(by_cat[cat]):
-            picked.append(by_cat[cat][round_])
-        k += 1
-        if k > n * len(cats) * 10:
-            break
+    if n <= len(cats):
+        return [by_cat[cats[i * len(cats) // n]][0] for i in range(n)]
+    picked, depth = [], 0
+    while len(picked) < n and depth < max(len(v) for v in by_cat.values()):
+        for cat in cats:
+            if depth < len(by_cat[cat]) and len(picked) < n:
+                picked.append(by_cat[cat][depth])
+        depth += 1
     return picked
 
 

@@ -108,9 +108,6 @@ def _runners(config: BenchConfig):
     if "onnx" in config.engines:
         ort_opt = tokopt.load_engine(_engine_dir(config, opt, model))
         runners["onnx"] = lambda ids, mask: ort_opt.generate(ids, mask, max_new_tokens=config.max_new_tokens)
-    unknown = set(config.engines) - set(ENGINES)
-    if unknown:
-        raise TokoptError(f"unknown bench engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
     eos = set(opt.defaults.eos_token_ids if opt else tokopt.optimized_model.GenerationDefaults.from_model(model).eos_token_ids)
     return runners, tokenizer, eos
 
@@ -139,8 +136,11 @@ def run_bench(config: BenchConfig) -> dict:
 
     if config.repeats < 1 or config.max_new_tokens < 1:
         raise TokoptError("--repeats and --max-new-tokens must be >= 1")
-    runners, tokenizer, eos = _runners(config)
+    unknown = set(config.engines) - set(ENGINES)
+    if unknown or not config.engines:
+        raise TokoptError(f"unknown bench engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
     prompts = load_questions(config.questions, config.prompts)
+    runners, tokenizer, eos = _runners(config)
     encoded = [encode_prompts(tokenizer, [p]) for p in prompts]
     names = list(runners)
     # one untimed warm-up per engine (first-call allocations, lazy init)

@@ -27,11 +27,12 @@ from tokopt.runtime.masks import causal_structure, step_mask
 MAX_BATCH, MAX_NEW, MAX_PAST = 1024, 32768, 131072
 
 
-def example_inputs(spec, batch=2, n_new=3, past=4, dtype=torch.float32):
+def example_inputs(spec, batch=2, n_new=3, past=4):
     """Inputs of the graph's signature; sizes >= 2 so no dimension is specialized to 0 or 1."""
     ids = torch.randint(0, spec.vocab_size, (batch, n_new))
     pos = torch.arange(past, past + n_new).expand(batch, n_new).contiguous()
-    mask = step_mask(torch.ones(batch, past, dtype=torch.bool), causal_structure(n_new, batch))
+    dtype = spec.torch_dtype
+    mask = step_mask(torch.ones(batch, past, dtype=torch.bool), causal_structure(n_new, batch), dtype=dtype)
     rows = torch.arange(max(n_new - 2, 0), n_new)
     cache = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, dtype=dtype)
              for _ in range(2 * spec.num_layers)]

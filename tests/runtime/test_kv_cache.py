@@ -32,7 +32,8 @@ def test_extend_adopts_present_and_concatenates_validity():
     present = [torch.randn(2, SPEC.num_kv_heads, 7, SPEC.head_dim) for _ in range(2 * SPEC.num_layers)]
     new_valid = torch.tensor([[True, False, True], [False, True, True]])
     out = cache.extend(present, new_valid)
-    assert all(a is b for a, b in zip(out.tensors, present))
+    assert len(out.tensors) == len(present)
+    assert all(torch.equal(a, b) for a, b in zip(out.tensors, present))
     assert torch.equal(out.valid, torch.cat([cache.valid, new_valid], dim=1))
     assert out.length == 7
     assert cache.length == 4  # the original is not modified

@@ -25,11 +25,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smol():
-    model, tokenizer = tokopt.load(progress=False)
-    opt = tokopt.optimize(model)
+def smol(real_model, tokenizer, opt):
+    """The session's shared model, tokenizer and optimized model (conftest), as one tuple."""
     opt.tokenizer = tokenizer
-    return model, tokenizer, opt
+    return real_model, tokenizer, opt
 
 
 @pytest.fixture(scope="module")
