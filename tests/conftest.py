@@ -115,6 +115,8 @@ def _tiny_config(model_type: str, **overrides):
             setattr(cfg, key, 4)
     if hasattr(cfg, "num_experts_per_tok") and "num_experts_per_tok" not in overrides:
         cfg.num_experts_per_tok = 2
+    if getattr(cfg, "sliding_window", None) and "sliding_window" not in overrides:
+        cfg.sliding_window = None  # full attention; windows are refused (see test_decoder_graph)
     for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if hasattr(cfg, key) and key not in overrides:
             setattr(cfg, key, 32)

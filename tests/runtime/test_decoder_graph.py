@@ -209,14 +209,10 @@ def test_sliding_window_qwen2_is_refused(tiny_model):
         DecoderGraph(model)
 
 
-def test_mistral_sliding_window_matches_hf_or_is_refused(tiny_model):
-    model = tiny_model("mistral", sliding_window=4)  # shorter than the 10-token test sequence
-    try:
-        graph = DecoderGraph(model)
-    except UnsupportedModelError:
-        return  # refusing is also correct
-    del graph
-    assert_graph_matches_hf(model)
+def test_mistral_sliding_window_is_refused_not_silently_ignored(tiny_model):
+    model = tiny_model("mistral", sliding_window=4)  # shorter than the context: attention would differ from HF
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention"):
+        DecoderGraph(model)
 
 
 def test_unsupported_model_is_refused():
