@@ -33,13 +33,7 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     forwards: int = 0
-
-    @property
-    def generated_counts(self) -> torch.Tensor:
-        """Tokens generated per row, up to and including its EOS/stop token."""
-        return self._lengths
-
-    _lengths: torch.Tensor = None
+    generated_counts: torch.Tensor | None = None  # [B] tokens per row, up to and including its EOS/stop token
 
 
 ONE_ROW = torch.tensor([0])
@@ -140,6 +134,6 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
         prefill_s=prefill_s,
         decode_s=decode_s,
         forwards=forwards,
+        generated_counts=lengths,
     )
-    result._lengths = lengths
     return result
