@@ -16,7 +16,7 @@ from tokopt.capture import capture
 from tokopt.models import load
 from tokopt.optimized_model import GenerationDefaults, OptimizedModel, Report
 from tokopt.errors import TokoptError
-from tokopt.pass_manager import registered_passes, run_passes
+from tokopt.pass_manager import check_pass_names, run_passes
 from tokopt.progress import progress_step
 from tokopt.runtime.eager_engine import EagerEngine
 
@@ -33,11 +33,7 @@ class OptimizeConfig:
         if isinstance(self.passes, str):
             raise TokoptError(f"passes must be a sequence of pass names, not the string {self.passes!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
-        known = registered_passes()
-        unknown = [p for p in self.passes if p not in known]
-        if unknown:
-            raise TokoptError(f"unknown pass(es) {', '.join(map(repr, unknown))}; registered passes: "
-                              f"{', '.join(sorted(known))} (see `tokopt passes`)")
+        check_pass_names(self.passes)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -66,13 +66,19 @@ def registered_passes() -> dict[str, RegisteredPass]:
     return dict(_REGISTRY)
 
 
-def run_passes(gm: torch.fx.GraphModule, names) -> tuple[torch.fx.GraphModule, list[PassReport]]:
-    """Run the named passes in order; lint the graph after each; return the graph and one report per pass."""
+def check_pass_names(names) -> None:
+    """Raise a TokoptError naming any unregistered pass and listing the registered ones."""
     passes = registered_passes()
     unknown = [n for n in names if n not in passes]
     if unknown:
         raise TokoptError(f"unknown pass(es) {', '.join(map(repr, unknown))}; registered passes: "
                           f"{', '.join(sorted(passes))} (see `tokopt passes`)")
+
+
+def run_passes(gm: torch.fx.GraphModule, names) -> tuple[torch.fx.GraphModule, list[PassReport]]:
+    """Run the named passes in order; lint the graph after each; return the graph and one report per pass."""
+    check_pass_names(names)
+    passes = registered_passes()
     reports = []
     for name in names:
         start = time.perf_counter()
