@@ -24,7 +24,7 @@ make the graph exportable as is (torch.export, ONNX) and identical in every engi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -92,7 +92,9 @@ class DecoderGraph(nn.Module):
         out = graph(ids, torch.arange(3)[None] + 1, causal_mask, torch.tensor([2]), *null_cache)
     """
 
-    def __init__(self, model):
+    def __init__(self, model, keep_layers=None, return_hidden: bool = False):
+        """``keep_layers``: run only these layer indices (a self-speculative draft shares the target's weights);
+        ``return_hidden``: also return the final normed hidden states of ``logits_rows`` (output ``hidden``)."""
         super().__init__()
         self.spec = graph_spec(model)
         config = model.config
@@ -110,6 +112,13 @@ class DecoderGraph(nn.Module):
         core = model.model
         self.embed_tokens = core.embed_tokens
         self.layers = core.layers
+        if keep_layers is not None:
+            keep_layers = sorted(set(int(i) for i in keep_layers))
+            if not keep_layers or keep_layers[0] < 0 or keep_layers[-1] >= len(core.layers):
+                raise ValueError(f"keep_layers must be a non-empty subset of 0..{len(core.layers) - 1}")
+            self.layers = nn.ModuleList([core.layers[i] for i in keep_layers])
+            self.spec = replace(self.spec, num_layers=len(keep_layers))
+        self.return_hidden = return_hidden
         self.norm = core.norm
         self.rotary_emb = core.rotary_emb
         self.lm_head = model.lm_head
@@ -129,7 +138,10 @@ class DecoderGraph(nn.Module):
             hidden = residual + attn
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             present += [k, v]
-        logits = self.lm_head(self.norm(hidden.index_select(1, logits_rows)))
+        normed = self.norm(hidden.index_select(1, logits_rows))
+        logits = self.lm_head(normed)
+        if self.return_hidden:
+            return (logits, *present, normed)
         return (logits, *present)
 
     def _attention(self, attn, x, cos_sin, mask, past_k, past_v):

@@ -34,18 +34,24 @@ class GenerationResult:
     decode_s: float = 0.0
     forwards: int = 0
     generated_counts: torch.Tensor | None = None  # [B] tokens per row, up to and including its EOS/stop token
+    stats: object = None  # speculative decoding: runtime.speculative.decode.SpeculativeStats
 
 
 ONE_ROW = torch.tensor([0])
 
 
 def prefill(engine, input_ids, prompt_valid):
-    """Run the whole prompt; return (StepOutput, cache)."""
+    """Run the whole prompt; return (StepOutput with the last position's logits, cache)."""
+    # prompts are left-padded: the last row is every sequence's last token
+    return prefill_rows(engine, input_ids, prompt_valid, torch.tensor([input_ids.shape[1] - 1]))
+
+
+def prefill_rows(engine, input_ids, prompt_valid, logits_rows):
+    """Run the whole prompt with logits at ``logits_rows``; return (StepOutput, cache)."""
     batch, n = input_ids.shape
     cache = KVCache.empty(engine.spec, batch)
     mask = step_mask(cache.valid, causal_structure(n, batch), new_valid=prompt_valid, dtype=engine.spec.torch_dtype)
-    last_row = torch.tensor([n - 1])  # prompts are left-padded: the last row is every sequence's last token
-    out = engine(input_ids, prompt_positions(prompt_valid), mask, last_row, cache.tensors)
+    out = engine(input_ids, prompt_positions(prompt_valid), mask, logits_rows, cache.tensors)
     return out, cache.extend(out.present, prompt_valid)
 
 

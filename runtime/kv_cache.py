@@ -48,3 +48,31 @@ class KVCache:
         index = keep[:, None, :, None]
         tensors = [t.gather(2, index.expand(t.shape[0], t.shape[1], keep.shape[1], t.shape[3])) for t in self.tensors]
         return KVCache(tensors, self.valid.gather(1, keep))
+
+    def compact_tail(self, start: int, index: torch.Tensor, index_valid: torch.Tensor) -> "KVCache":
+        """After a verify step appended slots ``[start, length)``: move row b's slots ``start + index[b]`` to
+        ``start, start + 1, ...`` (in place, only the moved slots are copied) and mark every other tail slot
+        invalid. ``index`` is ``[B, K]``; ``index_valid`` ``[B, K]`` is False on padding entries.
+
+        Dead slots stay until ``drop_dead`` removes them in one copy; until then the mask hides them.
+        """
+        k = index.shape[1]
+        with torch.inference_mode():
+            for t in self.tensors:
+                tail = t[:, :, start:]
+                moved = tail.gather(2, index[:, None, :, None].expand(t.shape[0], t.shape[1], k, t.shape[3]))
+                t[:, :, start:start + k] = moved
+        valid = self.valid.clone()
+        valid[:, start:] = False
+        valid[:, start:start + k] = index_valid
+        return KVCache(self.tensors, valid)
+
+    def dead_slots(self) -> int:
+        """Slots no row attends to, besides the null slot 0."""
+        return int((~self.valid[:, 1:].any(0)).sum())
+
+    def drop_dead(self) -> "KVCache":
+        """Remove the slots no row attends to (keeping the null slot 0): one contiguous copy."""
+        keep = self.valid.any(0)
+        keep[0] = True
+        return self.compact(keep.nonzero().flatten())

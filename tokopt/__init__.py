@@ -14,13 +14,14 @@ __version__ = "0.1.0"
 from tokopt.errors import TokoptError  # noqa: E402
 from tokopt.models import load  # noqa: E402
 from tokopt.optimize import OptimizeConfig, optimize  # noqa: E402
+from tokopt.speculative import SpeculativeConfig  # noqa: E402
 
 
-def load_engine(path):
+def load_engine(path, *, speculative=None):
     """Load an exported engine directory (``tokopt export``) as an ``OptimizedModel``; see tokopt.engine_dir."""
     from tokopt.engine_dir import load_engine as _load_engine
 
-    return _load_engine(path)
+    return _load_engine(path, speculative=speculative)
 
 
-__all__ = ["load", "optimize", "OptimizeConfig", "load_engine", "TokoptError", "__version__"]
+__all__ = ["load", "optimize", "OptimizeConfig", "SpeculativeConfig", "load_engine", "TokoptError", "__version__"]

@@ -135,8 +135,12 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def load_engine(path, *, threads: int | None = None) -> OptimizedModel:
-    """Load an engine directory as an OptimizedModel running on ONNX Runtime (no torch model needed)."""
+def load_engine(path, *, threads: int | None = None, speculative=None) -> OptimizedModel:
+    """Load an engine directory as an OptimizedModel running on ONNX Runtime (no torch model needed).
+    ``speculative`` as in ``tokopt.optimize``; draft-model methods load the engine's model (by the name in
+    the manifest) for their self-speculative draft."""
+    from tokopt.speculative import DRAFT_MODEL_METHODS, SpeculativeConfig
+
     from tokopt.runtime.ort_engine import OrtEngine
 
     path = Path(path)
@@ -157,6 +161,16 @@ def load_engine(path, *, threads: int | None = None) -> OptimizedModel:
     defaults = GenerationDefaults(tuple(gen["eos_token_ids"]), gen["pad_token_id"])
     report = Report([PassReport(**r) for r in manifest["report"].get("passes", [])],
                     manifest["report"].get("capture_s", 0.0))
-    opt = OptimizedModel(engine, defaults=defaults, tokenizer=tokenizer, report=report)
+    speculative = SpeculativeConfig.coerce(speculative)
+    model = None
+    if speculative is not None and speculative.method in DRAFT_MODEL_METHODS and speculative.draft_model is None:
+        name = manifest["model"].get("name")
+        if not name:
+            raise EngineError(f"{path} does not name its model, so {speculative.method!r} cannot build the "
+                              "self-speculative draft; pass SpeculativeConfig(draft_model=...)")
+        model, _ = tokopt.load(name, progress=False)
+    key = "|".join([manifest["model"].get("name") or str(path.resolve()), *manifest.get("passes", []), "onnx"])
+    opt = OptimizedModel(engine, defaults=defaults, tokenizer=tokenizer, report=report, model=model,
+                         model_key=key, speculative=speculative)
     opt.manifest = manifest
     return opt

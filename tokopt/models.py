@@ -208,3 +208,23 @@ def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
     finally:
         hf_logging.set_verbosity(verbosity)
         steps.close()
+
+
+def model_fingerprint(model, keep_layers=None) -> str:
+    """A short id of a model's identity: architecture, sizes and a checksum of a few weights (the same model
+    loaded twice gets the same id; another model or a fine-tune gets another). ``keep_layers`` marks a
+    self-speculative draft built from ``model``."""
+    import hashlib
+
+    config = model.config
+    h = hashlib.sha1()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads"):
+        h.update(f"{key}={getattr(config, key, None)};".encode())
+    with torch.no_grad():
+        params = list(model.parameters())
+        for p in (params[0], params[len(params) // 2], params[-1]):
+            flat = p.detach().reshape(-1)
+            h.update(f"{tuple(p.shape)}:{float(flat[:4096].double().sum()):.8e}:{float(flat[-4096:].double().sum()):.8e};".encode())
+    if keep_layers is not None:
+        h.update(f"layers={sorted(keep_layers)}".encode())
+    return h.hexdigest()[:16]

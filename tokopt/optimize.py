@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from tokopt.capture import capture
-from tokopt.models import load
+from tokopt.models import load, model_fingerprint
 from tokopt.optimized_model import GenerationDefaults, OptimizedModel, Report
 from tokopt.errors import TokoptError
 from tokopt.pass_manager import check_pass_names, run_passes
@@ -39,15 +39,21 @@ class OptimizeConfig:
         return asdict(self)
 
 
-def optimize(model=None, config: OptimizeConfig | None = None) -> OptimizedModel:
+def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=None) -> OptimizedModel:
     """Capture ``model`` (a loaded supported HF causal LM, a model name/path, or None for the default),
     apply ``config.passes`` in order, and return an ``OptimizedModel`` running the result eagerly.
+    ``speculative``: a method name (recycling, lookup, draft, dyspec, rsd, specdec++) or a
+    ``tokopt.speculative.SpeculativeConfig``; decoding stays lossless.
 
     Example::
 
         opt = tokopt.optimize(model)
         ids = opt.generate(input_ids, max_new_tokens=32)
+        opt = tokopt.optimize(model, speculative="recycling"); opt.generate(input_ids); opt.last_stats.mat
     """
+    from tokopt.speculative import SpeculativeConfig
+
+    speculative = SpeculativeConfig.coerce(speculative)  # bad names fail before the 20 s capture
     config = config or OptimizeConfig()
     model, tokenizer = load(model)  # a name, a path, or a loaded model (checked, tokenizer found beside it)
     with progress_step("capturing the decoder graph with torch.export"):
@@ -55,5 +61,7 @@ def optimize(model=None, config: OptimizeConfig | None = None) -> OptimizedModel
     gm, reports = run_passes(gm, list(config.passes))
     meta = gm.meta["tokopt"]
     engine = EagerEngine(gm, meta["spec"], meta["output_names"])
+    model_key = "|".join([model_fingerprint(model), *config.passes])
     return OptimizedModel(engine, defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer,
-                          report=Report(reports, meta["capture_s"]), config=config, graph_module=gm)
+                          report=Report(reports, meta["capture_s"]), config=config, graph_module=gm,
+                          model=model, model_key=model_key, speculative=speculative)

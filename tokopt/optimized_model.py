@@ -11,12 +11,14 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from tokopt.errors import PromptError
 from tokopt.pass_manager import format_reports
 from tokopt.runtime.generate import generate
+from tokopt.runtime.speculative.decode import speculative_generate
 from tokopt.runtime.sampling import SamplingParams
 
 
@@ -54,14 +56,45 @@ class OptimizedModel:
     """An engine (eager GraphModule, ONNX Runtime, ...) with tokopt's decode loop behind ``generate``."""
 
     def __init__(self, engine, *, defaults: GenerationDefaults, tokenizer=None, report: Report | None = None,
-                 config=None, graph_module=None):
+                 config=None, graph_module=None, model=None, model_key: str = "", speculative=None):
         self.engine = engine
         self.defaults = defaults
         self.tokenizer = tokenizer
         self.report = report or Report()
         self.config = config
         self.graph_module = graph_module
+        self.model = model  # the PyTorch model, where there is one (draft-model methods use it)
+        self.model_key = model_key  # identifies model + graph for cached measurements
         self.last_result = None
+        self.speculative = None
+        self.drafter = None
+        if speculative is not None:
+            self._set_speculative(speculative)
+
+    def _set_speculative(self, speculative) -> None:
+        from tokopt.speculative import SpeculativeConfig, build_drafter
+
+        self.speculative = SpeculativeConfig.coerce(speculative)
+        self.drafter = build_drafter(self.speculative, engine=self.engine, target_model=self.model,
+                                     tokenizer=self.tokenizer, model_key=self.model_key)
+
+    def with_speculative(self, speculative) -> "OptimizedModel":
+        """The same engine (no re-capture) decoding with another speculative method (None: plain).
+
+        Example::
+
+            lookup = opt.with_speculative("lookup")
+        """
+        clone = OptimizedModel(self.engine, defaults=self.defaults, tokenizer=self.tokenizer, report=self.report,
+                               config=self.config, graph_module=self.graph_module, model=self.model,
+                               model_key=self.model_key, speculative=speculative)
+        clone.manifest = getattr(self, "manifest", None)
+        return clone
+
+    @property
+    def last_stats(self):
+        """The last speculative ``generate``'s ``SpeculativeStats`` (per-step accepted lengths, ``mat``)."""
+        return None if self.last_result is None else self.last_result.stats
 
     @property
     def spec(self):
@@ -82,7 +115,8 @@ class OptimizedModel:
             raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.defaults.eos_token_ids if eos_token_id is None else (
             tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
-        result = generate(
+        run = generate if self.drafter is None else partial(speculative_generate, drafter=self.drafter)
+        result = run(
             self.engine, input_ids, attention_mask,
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(do_sample, temperature, top_k, top_p, seed),
@@ -95,4 +129,5 @@ class OptimizedModel:
         return result.sequences
 
     def __repr__(self) -> str:
-        return f"OptimizedModel(engine={self.engine.name}, model_type={self.spec.model_type})"
+        spec = f", speculative={self.speculative.method}" if self.speculative else ""
+        return f"OptimizedModel(engine={self.engine.name}, model_type={self.spec.model_type}{spec})"

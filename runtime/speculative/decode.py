@@ -1,0 +1,182 @@
+"""The speculative decode loop: draft a tree per row, verify all trees in one forward, keep the accepted path.
+
+Each step: ``drafter.draft`` gives every row a ``DraftTree`` rooted at its last emitted token; the trees are
+padded into one batch and run through the same engine call as plain decoding (tree mask, positions = root
+position + depth, logits for every node); ``verify`` accepts a path per row; the accepted nodes' K/V are
+moved into contiguous cache slots (``KVCache.compact_tail``) and the rest of the tree's slots die.
+
+The returned ``GenerationResult`` is the plain loop's (HF-shaped sequences, taps from the target's rows of
+the accepted tokens), plus ``stats``: tokens emitted per row per step, from which MAT is computed.
+
+Example::
+
+    drafter = TokenRecycling(spec.vocab_size)
+    result = speculative_generate(engine, ids, drafter=drafter, max_new_tokens=128)
+    print(result.stats.mat, tokenizer.decode(result.sequences[0]))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokopt.runtime.generate import GenerationResult, StopStrings, check_prompt, prefill_rows
+from tokopt.runtime.masks import step_mask
+from tokopt.runtime.sampling import SamplingParams, next_token
+from tokopt.runtime.speculative.tree import DraftTree, pack_trees
+from tokopt.runtime.speculative.verify import verify_greedy, verify_sampling
+
+# Dead cache slots (rejected nodes) are dropped in one copy once they are this many and this share of the cache.
+DROP_DEAD_MIN, DROP_DEAD_SHARE = 64, 0.25
+
+
+@dataclass
+class SpeculativeStats:
+    """What speculation did in one ``generate`` call."""
+
+    accepted: list  # per row: tokens emitted by each verify step (accepted drafts + the target's next token)
+    tree_sizes: list = field(default_factory=list)  # per step: nodes verified (padded width of the batch)
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # the target forwards
+    host_s: float = 0.0  # verification, cache compaction, bookkeeping
+
+    @property
+    def steps(self) -> int:
+        return len(self.tree_sizes)
+
+    @property
+    def mat(self) -> float:
+        """Mean accepted tokens per target verify forward, over all rows and steps."""
+        counts = [c for row in self.accepted for c in row]
+        return sum(counts) / len(counts) if counts else 0.0
+
+    def to_dict(self) -> dict:
+        return {"mat": self.mat, "steps": self.steps, "accepted": self.accepted, "tree_sizes": self.tree_sizes,
+                "draft_s": self.draft_s, "verify_s": self.verify_s, "host_s": self.host_s}
+
+
+class _Rows:
+    """Per-row emitted tokens, taps and stop state."""
+
+    def __init__(self, batch, max_new_tokens, eos, stopper):
+        self.tokens = [[] for _ in range(batch)]
+        self.taps = [dict() for _ in range(batch)]
+        self.finished = [False] * batch
+        self.max_new = max_new_tokens
+        self.eos = eos
+        self.stopper = stopper
+
+    def emit(self, b, tokens, taps: dict) -> int:
+        """Append ``tokens`` to row b until it stops; return how many were taken."""
+        taken = 0
+        for j, tok in enumerate(tokens):
+            self.tokens[b].append(tok)
+            for name, values in taps.items():
+                self.taps[b].setdefault(name, []).append(values[j])
+            taken += 1
+            if tok in self.eos or len(self.tokens[b]) >= self.max_new or (
+                    self.stopper.strings and self.stopper.hit(self.tokens[b])):
+                self.finished[b] = True
+                break
+        return taken
+
+
+def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max_new_tokens=64,
+                         sampling=SamplingParams(), eos_token_ids=(), pad_token_id=None, stop_strings=(),
+                         tokenizer=None) -> GenerationResult:
+    """Generate with ``drafter``'s trees, losslessly (see module docstring); ``result.stats`` holds MAT."""
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    prompt_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else torch.as_tensor(attention_mask).bool())
+    check_prompt(input_ids, prompt_valid, max_new_tokens, engine.spec.max_positions)
+    eos = set(int(e) for e in eos_token_ids)
+    pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    generator = sampling.generator()
+    batch = input_ids.shape[0]
+    rows = _Rows(batch, max_new_tokens, eos, StopStrings(stop_strings, tokenizer))
+    prompts = [input_ids[b][prompt_valid[b]].tolist() for b in range(batch)]
+    stats = SpeculativeStats(accepted=[[] for _ in range(batch)])
+    dtype = engine.spec.torch_dtype
+
+    start = time.perf_counter()
+    drafter.start(prompts, sampling)
+    n = input_ids.shape[1]
+    logit_rows = torch.arange(n) if drafter.wants_prefill_logits else torch.tensor([n - 1])
+    out, cache = prefill_rows(engine, input_ids, prompt_valid, logit_rows)
+    if drafter.wants_prefill_logits:
+        drafter.observe(input_ids, out.logits, prompt_valid)
+    first = next_token(out.logits[:, -1], sampling, generator).tolist()
+    for b in range(batch):
+        rows.emit(b, [first[b]], {k: v[b, -1:].tolist() for k, v in out.extras.items()})
+    prefill_s = time.perf_counter() - start
+    positions = prompt_valid.sum(-1)
+
+    while not all(rows.finished):
+        t0 = time.perf_counter()
+        histories = [prompts[b] + rows.tokens[b] for b in range(batch)]
+        trees = drafter.draft(histories)
+        trees = [DraftTree.root_only(pad) if rows.finished[b] else trees[b] for b in range(batch)]
+        t1 = time.perf_counter()
+        packed = pack_trees(trees, positions)
+        width = packed.tokens.shape[1]
+        mask = step_mask(cache.valid, packed.structure, packed.valid, dtype=dtype)
+        out = engine(packed.tokens, packed.positions, mask, torch.arange(width), cache.tensors)
+        t2 = time.perf_counter()
+        old_length = cache.length
+        cache = cache.extend(out.present, packed.valid)
+        drafter.observe(packed.tokens, out.logits, packed.valid)
+        verdicts = [None] * batch
+        for b in range(batch):
+            if rows.finished[b]:
+                continue
+            if sampling.do_sample:
+                verdicts[b] = verify_sampling(trees[b], out.logits[b], sampling, generator)
+            else:
+                verdicts[b] = verify_greedy(trees[b], out.logits[b])
+        keep = max(len(v.path) if v else 1 for v in verdicts)
+        index = torch.zeros(batch, keep, dtype=torch.long)
+        index_valid = torch.zeros(batch, keep, dtype=torch.bool)
+        for b, verdict in enumerate(verdicts):
+            if verdict is None:
+                continue
+            path = verdict.path
+            emitted = trees[b].path_tokens(path[1:]) + [verdict.next_token]
+            tap_rows = {k: v[b, path].tolist() for k, v in out.extras.items()}
+            taken = rows.emit(b, emitted, tap_rows)
+            stats.accepted[b].append(taken)
+            index[b, : len(path)] = torch.tensor(path)
+            index_valid[b, : len(path)] = True
+            positions[b] += len(path)
+        cache = cache.compact_tail(old_length, index, index_valid)
+        if cache.dead_slots() >= max(DROP_DEAD_MIN, DROP_DEAD_SHARE * cache.length):
+            cache = cache.drop_dead()
+        drafter.feedback(trees, verdicts)
+        t3 = time.perf_counter()
+        stats.tree_sizes.append(width)
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.host_s += t3 - t2
+    decode_s = time.perf_counter() - start - prefill_s
+
+    width = max(len(t) for t in rows.tokens)
+    new = torch.full((batch, width), pad, dtype=torch.long)
+    taps = {}
+    for b in range(batch):
+        new[b, : len(rows.tokens[b])] = torch.tensor(rows.tokens[b], dtype=torch.long)
+        for name, values in rows.taps[b].items():
+            taps.setdefault(name, torch.full((batch, width), float("nan")))[b, : len(values)] = torch.tensor(values)
+    return GenerationResult(
+        sequences=torch.cat([input_ids, new], dim=1),
+        num_prompt_tokens=input_ids.shape[1],
+        new_tokens=new,
+        taps=taps,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        forwards=1 + stats.steps,
+        generated_counts=torch.tensor([len(t) for t in rows.tokens]),
+        stats=stats,
+    )

@@ -1,0 +1,145 @@
+"""Token Recycling (arXiv 2408.08696): guesses recycled from the target's own logits, nothing trained.
+
+State: ``adj[vocab, k]``, the target's top-k next tokens the last time it ran each token (int32; about
+1.5 MB for a 49k vocabulary at k = 8), updated after every forward from the logits at every verified node
+(and every prompt position). It is kept across requests: what the model said once is a guess next time.
+
+A draft fills a tree template breadth-first: a node (parent, rank) gets ``adj[token of parent, rank]``;
+nodes whose parent token was never seen are dropped. The template is the best tree of the chosen size under
+acceptance rates learned online (``acceptance.RankAcceptance``: after each step, which rank of each accepted
+node's candidates the target chose), so the tree's shape follows what this model accepts; its size comes from
+``tree_size`` (measured latency) or the config. Optionally the prompt-lookup continuation of the latest
+n-gram is merged into the same tree (``lookup_nodes``).
+
+Example::
+
+    drafter = TokenRecycling(vocab_size=spec.vocab_size, config=RecyclingConfig(budget=8))
+    result = speculative_generate(engine, ids, drafter=drafter, max_new_tokens=128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokopt.errors import TokoptError
+from tokopt.runtime.speculative.acceptance import RankAcceptance, best_tree, expected_tokens
+from tokopt.runtime.speculative.drafters.base import Drafter, insert_path
+from tokopt.runtime.speculative.drafters.lookup import NgramIndex
+from tokopt.runtime.speculative.tree import DraftTree
+from tokopt.runtime.speculative.tree_size import best_size
+
+
+@dataclass(frozen=True)
+class RecyclingConfig:
+    budget: int = 8  # recycled nodes besides the root
+    k: int = 8  # successors kept per token
+    max_depth: int = 8
+    lookup_nodes: int = 0  # extra nodes for the prompt-lookup continuation (0: recycling only)
+    update_from_prefill: bool = True  # also recycle the logits of every prompt position
+    reshape_every: int = 16  # steps between template updates from acceptance statistics
+
+    def __post_init__(self):
+        if self.budget < 1:
+            raise TokoptError(f"recycling tree budget must be >= 1 draft node, got {self.budget}")
+        if not 1 <= self.k <= 64:
+            raise TokoptError(f"recycling k (successors per token) must be in 1..64, got {self.k}")
+        if self.lookup_nodes < 0:
+            raise TokoptError(f"lookup_nodes must be >= 0, got {self.lookup_nodes}")
+
+
+class TokenRecycling(Drafter):
+    name = "recycling"
+
+    def __init__(self, vocab_size: int, config: RecyclingConfig = RecyclingConfig()):
+        self.config = config
+        self.adj = torch.full((vocab_size, config.k), -1, dtype=torch.int32)
+        self._adj = self.adj.numpy()  # shares memory; scalar lookups are faster in numpy
+        self.stats = RankAcceptance(config.max_depth, config.k)
+        self.template = best_tree(self.stats.rates(), config.budget)
+        self.profile, self.max_nodes = None, config.budget
+        self._steps = 0
+        self._snapshots = []
+        self._ngrams = []
+
+    @property
+    def wants_prefill_logits(self) -> bool:
+        return self.config.update_from_prefill
+
+    def set_budget(self, budget: int) -> None:
+        if budget < 1:
+            raise TokoptError(f"recycling tree budget must be >= 1 draft node, got {budget}")
+        self.config = RecyclingConfig(**{**self.config.__dict__, "budget": budget})
+        self.template = best_tree(self.stats.rates(), budget)
+
+    def set_profile(self, profile, max_nodes: int = 32) -> None:
+        """Size the tree from measured latency from now on (re-chosen whenever the template is reshaped)."""
+        self.profile, self.max_nodes = profile, max_nodes
+        self._reshape()
+
+    def _reshape(self) -> None:
+        rates = self.stats.rates()
+        if self.profile is not None:
+            budget = best_size(expected_tokens(rates, self.max_nodes), self.profile)
+            self.config = RecyclingConfig(**{**self.config.__dict__, "budget": budget})
+        self.template = best_tree(rates, self.config.budget)
+
+    def start(self, prompts, sampling):
+        super().start(prompts, sampling)
+        self._ngrams = [NgramIndex(3, 1) for _ in prompts] if self.config.lookup_nodes else []
+
+    def draft(self, histories):
+        trees, self._snapshots = [], []
+        for b, history in enumerate(histories):
+            tree = self._fill(history[-1])
+            if self.config.lookup_nodes:
+                self._merge_lookup(tree, b, history)
+            self._snapshots.append(self._adj[tree[0]].copy())
+            trees.append(DraftTree(*tree))
+        return trees
+
+    def _fill(self, root: int):
+        tokens, parents = [root], [-1]
+        where = {0: 0}  # template index -> tree index (dropped nodes absent)
+        adj = self._adj
+        for i, (parent, rank) in enumerate(self.template, start=1):
+            at = where.get(parent)
+            if at is None:
+                continue
+            tok = int(adj[tokens[at], rank])
+            if tok < 0:
+                continue
+            where[i] = len(tokens)
+            tokens.append(tok)
+            parents.append(at)
+        return tokens, parents
+
+    def _merge_lookup(self, tree, b, history):
+        tokens, parents = tree
+        index = self._ngrams[b]
+        index.update(history)
+        conts = index.continuations(history, self.config.lookup_nodes, 1)
+        if conts:
+            children = {(p, t): i for i, (t, p) in enumerate(zip(tokens, parents)) if i}
+            insert_path(tokens, parents, children, conts[0], limit=len(tokens) + self.config.lookup_nodes)
+
+    def observe(self, tokens, logits, valid):
+        top = logits.topk(self.config.k, dim=-1).indices.to(torch.int32)
+        self.adj[tokens[valid]] = top[valid]
+
+    def feedback(self, trees, verdicts):
+        for tree, verdict, cand in zip(trees, verdicts, self._snapshots):
+            if verdict is None:
+                continue
+            emitted = tree.path_tokens(verdict.path[1:]) + [verdict.next_token]
+            for depth, (node, nxt) in enumerate(zip(verdict.path, emitted), start=1):
+                hit = np.flatnonzero(cand[node] == nxt)
+                self.stats.record(depth, int(hit[0]) if hit.size else None)
+        self._steps += 1
+        if self._steps % self.config.reshape_every == 0:
+            self._reshape()
+
+    def state_bytes(self) -> int:
+        return self.adj.numel() * self.adj.element_size()

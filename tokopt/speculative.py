@@ -1,0 +1,147 @@
+"""Choosing and building a speculative decoding method: ``SpeculativeConfig`` and ``build_drafter``.
+
+Methods (``tokopt.optimize(model, speculative=NAME)``):
+
+- ``recycling``: Token Recycling, training-free; tree size chosen from measured latency (hardware-aware).
+- ``lookup``: prompt lookup (n-gram continuations from the prompt and output).
+- ``draft``: a draft model's chain (a smaller model sharing the tokenizer, or by default the target itself
+  with middle layers skipped: self-speculative, no second model).
+- ``dyspec``: DySpec's dynamic tree from the draft distribution, under a node budget.
+- ``rsd``: RSD-C, Gumbel-top-k sibling trees, recursive rejection without replacement.
+- ``specdec++``: adaptive draft length from a trained acceptance head (``tokopt train-specdec``).
+
+Every method is lossless: greedy output equals plain greedy decoding; sampled output follows the target
+distribution exactly (``runtime.speculative.verify``).
+
+Example::
+
+    opt = tokopt.optimize(model, speculative="recycling")
+    opt = tokopt.optimize(model, speculative=SpeculativeConfig("dyspec", budget=12))
+    opt.generate(ids, max_new_tokens=128); print(opt.last_stats.mat)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokopt.errors import TokoptError
+from tokopt.models import cache_dir, model_fingerprint
+from tokopt.runtime.speculative.drafters.lookup import LookupConfig, PromptLookup
+from tokopt.runtime.speculative.drafters.recycling import RecyclingConfig, TokenRecycling
+
+METHODS = ("recycling", "lookup", "draft", "dyspec", "rsd", "specdec++")
+DRAFT_MODEL_METHODS = ("draft", "dyspec", "rsd", "specdec++")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How to speculate. ``budget``: draft nodes per step besides the root, or "auto" (recycling: the size
+    maximizing tokens/s from this machine's measured verify latency; others: their defaults)."""
+
+    method: str = "recycling"
+    budget: int | str = "auto"
+    max_nodes: int = 32  # largest tree "auto" considers
+    recycling: RecyclingConfig = field(default_factory=RecyclingConfig)
+    lookup: LookupConfig = field(default_factory=LookupConfig)
+    draft_model: object = None  # a model, name or path sharing the tokenizer; None: self-speculative draft
+    draft_layers: tuple | None = None  # self-speculative draft's kept layers (default: self_draft_layers)
+    draft_length: int = 4  # draft: chain length
+    rsd_widths: tuple = (2, 2, 1, 1)
+    dyspec_max_depth: int = 6
+    dyspec_threshold: float = 0.0
+    specdec_head: str | None = None  # path; default: the head `tokopt train-specdec` saved for this pair
+    specdec_threshold: float = 0.3
+    specdec_max_length: int = 8
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise TokoptError(f"unknown speculative method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.budget != "auto" and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
+                                      or self.budget < 1):
+            raise TokoptError(f"speculative budget must be 'auto' or an int >= 1 (draft nodes per step), "
+                              f"got {self.budget!r}")
+        if self.max_nodes < 1:
+            raise TokoptError(f"max_nodes must be >= 1, got {self.max_nodes}")
+
+    @classmethod
+    def coerce(cls, value) -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        raise TokoptError(f"speculative must be a method name ({', '.join(METHODS)}) or a SpeculativeConfig, "
+                          f"got {type(value).__name__}")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "draft_model"}
+        d["recycling"], d["lookup"] = dict(self.recycling.__dict__), dict(self.lookup.__dict__)
+        d["draft_model"] = None if self.draft_model is None else str(getattr(self.draft_model, "name_or_path",
+                                                                              self.draft_model))
+        return d
+
+
+def specdec_head_path(target_fp: str, draft_fp: str):
+    """Where ``tokopt train-specdec`` saves (and ``specdec++`` looks for) the head of a target/draft pair."""
+    return cache_dir() / "specdec" / f"{target_fp}-{draft_fp}.pt"
+
+
+def build_drafter(config: SpeculativeConfig, *, engine, target_model=None, tokenizer=None, model_key: str = ""):
+    """The drafter for ``config`` over ``engine`` (the target). Draft-model methods need ``target_model``
+    (for the self-speculative draft and fingerprints) or ``config.draft_model``."""
+    method = config.method
+    budget = None if config.budget == "auto" else config.budget
+    if method == "recycling":
+        rc = config.recycling if budget is None else RecyclingConfig(**{**config.recycling.__dict__, "budget": budget})
+        drafter = TokenRecycling(engine.spec.vocab_size, rc)
+        if budget is None:
+            from tokopt.runtime.speculative.tree_size import latency_profile
+
+            drafter.set_profile(latency_profile(engine, model_key or engine.spec.model_type,
+                                                max_nodes=config.max_nodes), config.max_nodes)
+        return drafter
+    if method == "lookup":
+        lc = config.lookup if budget is None else LookupConfig(**{**config.lookup.__dict__, "budget": budget})
+        return PromptLookup(lc)
+    return _draft_model_drafter(config, budget, engine, target_model, tokenizer)
+
+
+def _draft_model_drafter(config, budget, engine, target_model, tokenizer):
+    from tokopt.models import load
+    from tokopt.runtime.speculative.drafters.draft_model import (ChainPolicy, DraftModelDrafter, DraftRunner,
+                                                                 check_same_tokenizer, self_draft_layers)
+
+    if config.draft_model is None:
+        if target_model is None:
+            raise TokoptError(f"{config.method!r} needs the target's PyTorch model for its self-speculative draft "
+                              "(or a draft_model); this engine has none loaded")
+        draft, keep = target_model, list(config.draft_layers or self_draft_layers(target_model.config.num_hidden_layers))
+    else:
+        draft, draft_tok = load(config.draft_model, progress=False)
+        check_same_tokenizer(tokenizer, draft_tok, engine.spec.vocab_size, draft.config.vocab_size)
+        keep = None
+    if draft.config.vocab_size != engine.spec.vocab_size:
+        raise TokoptError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
+                          f"target's ({engine.spec.vocab_size}); a draft must share the target's tokenizer")
+    method = config.method
+    runner = DraftRunner.from_model(draft, keep_layers=keep, hidden=method == "specdec++")
+    if method == "draft":
+        policy = ChainPolicy(budget or config.draft_length)
+    elif method == "dyspec":
+        from tokopt.runtime.speculative.drafters.dyspec import DySpecPolicy
+
+        policy = DySpecPolicy(budget or 8, config.dyspec_max_depth, config.dyspec_threshold)
+    elif method == "rsd":
+        from tokopt.runtime.speculative.drafters.rsd import RSDPolicy
+
+        policy = RSDPolicy(config.rsd_widths, budget)
+    else:
+        from tokopt.runtime.speculative.drafters.specdec import SpecDecPolicy, load_head
+
+        if target_model is None:
+            raise TokoptError("specdec++ needs the target's PyTorch model to check the head was trained for it")
+        target_fp = model_fingerprint(target_model)
+        draft_fp = model_fingerprint(draft, keep)
+        path = config.specdec_head or specdec_head_path(target_fp, draft_fp)
+        head = load_head(path, target_fingerprint=target_fp, draft_fingerprint=draft_fp)
+        policy = SpecDecPolicy(head, config.specdec_threshold, max_length=budget or config.specdec_max_length)
+    return DraftModelDrafter(runner, policy)
