@@ -1,4 +1,4 @@
-"""The ``tokopt`` command: generate, export, bench, passes.
+"""The ``tokopt`` command: generate, export, bench, train-specdec, passes.
 
 Errors in what the user gave (a model, a prompt, an engine directory) print one line and exit 2; set
 ``TOKOPT_DEBUG=1`` for a traceback.
@@ -9,6 +9,7 @@ Example::
     tokopt export --target onnx -o engines/smollm2
     tokopt generate --engine engines/smollm2 "What is the capital of France?"
     tokopt bench --prompts 8 --repeats 3
+    tokopt train-specdec --max-tokens 8000 --epochs 2
     tokopt passes
 """
 
@@ -35,6 +36,31 @@ def _add_passes(p):
                    help="comma-separated passes to run, in order (default: the default pipeline; '' for none)")
 
 
+def _add_speculative(p):
+    from tokopt.speculative import METHODS
+
+    g = p.add_argument_group("speculative decoding (lossless)")
+    g.add_argument("--speculative", default=None, metavar="NAME",
+                   help=f"draft and verify trees of tokens: {', '.join(METHODS)}")
+    g.add_argument("--budget", default="auto", metavar="N",
+                   help="draft nodes per step, or 'auto' (recycling: sized from this machine's measured latency)")
+
+
+def _speculative(args):
+    from tokopt.errors import TokoptError
+    from tokopt.speculative import SpeculativeConfig
+
+    if not args.speculative:
+        return None
+    budget = args.budget
+    if budget != "auto":
+        try:
+            budget = int(budget)
+        except ValueError:
+            raise TokoptError(f"--budget must be 'auto' or a number of draft nodes, got {budget!r}") from None
+    return SpeculativeConfig(args.speculative, budget=budget)
+
+
 def _config(args):
     from tokopt.optimize import DEFAULT_PASSES, OptimizeConfig
 
@@ -57,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--report", action="store_true", help="print the pass report and timings")
     _add_passes(g)
+    _add_speculative(g)
     _add_sampling(g)
 
     e = sub.add_parser("export", help="export an engine directory ahead of time",
@@ -79,7 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engine", default=None, metavar="DIR",
                    help="ONNX engine directory (default: exported once into the tokopt cache)")
     b.add_argument("--out", default="bench/out", metavar="DIR", help="where to write bench.json, bench.md, bench.png")
+    b.add_argument("--speculative", default=None, metavar="METHODS",
+                   help="compare speculative methods (comma-separated, e.g. recycling,lookup) against plain greedy, "
+                        "HF greedy and HF prompt lookup per Spec-Bench category; --engines then takes eager,onnx")
+    b.add_argument("--per-category", type=int, default=2, help="questions per category (speculative suite)")
+    b.add_argument("--budget", default="auto", metavar="N", help="draft nodes per step, or 'auto' (speculative suite)")
     _add_passes(b)
+
+    t = sub.add_parser("train-specdec", help="train the SpecDec++ acceptance head for a target/draft pair",
+                       description="Run MODEL and its draft teacher-forced over text, train the head that predicts "
+                                   "whether a drafted token is accepted, and save it where `--speculative specdec++` "
+                                   "finds it (a few minutes on CPU).")
+    t.add_argument("model", nargs="?", default=None, help="model name or local HF directory (default: SmolLM2)")
+    t.add_argument("--text", action="append", default=[], metavar="PATH",
+                   help="a text file or a folder of .txt files; repeatable (default: the offline corpus in "
+                        "shared/data/corpus)")
+    t.add_argument("--draft-model", default=None, metavar="NAME_OR_PATH",
+                   help="a draft model sharing the tokenizer (default: the self-speculative draft)")
+    t.add_argument("--max-tokens", type=int, default=40_000, metavar="N",
+                   help="training examples (tokens) at most (default 40000)")
+    t.add_argument("--epochs", type=int, default=3, metavar="N", help="passes over the examples (default 3)")
+    t.add_argument("-o", "--output", default=None, metavar="PATH",
+                   help="where to save the head (default: the tokopt cache, where specdec++ looks for it)")
 
     sub.add_parser("passes", help="list the registered graph passes")
     return parser
@@ -92,8 +140,9 @@ def cmd_generate(args) -> int:
 
     if any(not p.strip() for p in args.prompts):  # before minutes of loading and capture
         raise PromptError("empty prompt: give a non-blank PROMPT, e.g. tokopt generate \"What is the capital of France?\"")
+    speculative = _speculative(args)
     if args.engine:
-        opt = tokopt.load_engine(args.engine)
+        opt = tokopt.load_engine(args.engine, speculative=speculative)
         if opt.tokenizer is None:
             raise tokopt.TokoptError(f"{args.engine} has no tokenizer/ folder; re-export it with `tokopt export`")
     else:
@@ -101,7 +150,7 @@ def cmd_generate(args) -> int:
         model, tokenizer = tokopt.load(args.model)
         if tokenizer is None:
             raise tokopt.TokoptError(f"{args.model} has no tokenizer files; text prompts need one")
-        opt = tokopt.optimize(model, config)
+        opt = tokopt.optimize(model, config, speculative=speculative)
         opt.tokenizer = tokenizer
     ids, mask = encode_prompts(opt.tokenizer, args.prompts, chat=False if args.no_chat else None)
     out = opt.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -117,6 +166,9 @@ def cmd_generate(args) -> int:
         print(f"\n{opt.report}\n\nengine {opt.engine.name}: prefill {r.prefill_s:.2f} s, {tokens} tokens in "
               f"{r.decode_s:.2f} s ({tokens / max(r.prefill_s + r.decode_s, 1e-9):.1f} tokens/s overall)",
               file=sys.stderr)
+        if r.stats is not None:
+            print(f"speculative {opt.speculative.method}: {r.stats.steps} verify steps, mean accepted tokens per "
+                  f"step (MAT) {r.stats.mat:.2f}, tree sizes {sorted(set(r.stats.tree_sizes))}", file=sys.stderr)
     return 0
 
 
@@ -139,10 +191,40 @@ def cmd_bench(args) -> int:
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     passes = _config(args).passes
+    if args.speculative:
+        from tokopt.bench_speculative import SpecBenchConfig, run_speculative_bench
+
+        budget = _speculative(argparse.Namespace(speculative="recycling", budget=args.budget)).budget
+        config = SpecBenchConfig(
+            model=args.model, methods=tuple(m.strip() for m in args.speculative.split(",") if m.strip()),
+            engines=tuple(e for e in engines if e != "hf"), baselines=("hf", "hf-lookup") if "hf" in engines else (),
+            questions=args.questions, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats, budget=budget, engine_dir=args.engine, out=args.out, passes=passes)
+        run_speculative_bench(config)
+        return 0
     config = BenchConfig(model=args.model, prompts=args.prompts, questions=args.questions,
                          max_new_tokens=args.max_new_tokens, repeats=args.repeats, engines=engines,
                          engine_dir=args.engine, out=args.out, passes=passes)
     run_bench(config)
+    return 0
+
+
+def cmd_train_specdec(args) -> int:
+    from pathlib import Path
+
+    from tokopt.speculative import SpeculativeConfig
+    from tokopt.train_specdec import train_specdec
+
+    result = train_specdec(args.model, config=SpeculativeConfig("specdec++", draft_model=args.draft_model),
+                           texts=[Path(t) for t in args.text] or None, max_tokens=args.max_tokens,
+                           epochs=args.epochs, out=args.output)
+    m = result.metrics
+    print(f"{m['examples']} examples ({m['val_examples']} held out) in {m['seconds']:.1f} s; acceptance rate "
+          f"greedy {m['positive_rate_greedy']:.3f}, sampling {m['positive_rate_sampling']:.3f}")
+    print(f"validation ({m['label']} label): AUC {m['val_auc']:.3f}, accuracy {m['val_accuracy']:.3f}, balanced "
+          f"accuracy {m['val_balanced_accuracy']:.3f}, BCE {m['val_bce']:.4f} (constant predictor "
+          f"{m['val_bce_constant']:.4f}, train {m['train_bce']:.4f}, reject weight {m['reject_weight']:g})")
+    print(f"wrote {result.path} (loss curve {result.plot})")
     return 0
 
 
@@ -159,7 +241,8 @@ def cmd_passes(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "passes": cmd_passes}
+COMMANDS = {"generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "train-specdec": cmd_train_specdec,
+            "passes": cmd_passes}
 
 
 def main(argv=None) -> int:

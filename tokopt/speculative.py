@@ -85,6 +85,40 @@ def specdec_head_path(target_fp: str, draft_fp: str):
     return cache_dir() / "specdec" / f"{target_fp}-{draft_fp}.pt"
 
 
+def default_draft_layers(model, tokenizer) -> list:
+    """The self-speculative draft's layers for ``model`` (calibrated once, then cached per model)."""
+    import json
+
+    from tokopt.progress import progress_step
+    from tokopt.runtime.speculative.drafters.draft_model import self_draft_layers
+
+    path = cache_dir() / "draft_layers" / f"{model_fingerprint(model)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["keep_layers"]
+    with progress_step("choosing the self-speculative draft's layers (one ablation forward per layer, once)"):
+        keep = self_draft_layers(model, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"keep_layers": keep}))
+    return keep
+
+
+def resolve_draft(config: SpeculativeConfig, target_model, tokenizer, target_vocab: int):
+    """(draft model, kept layers or None) for a draft-model method: ``config.draft_model`` (checked to share
+    the tokenizer) or the target itself with layers skipped."""
+    from tokopt.models import load
+    from tokopt.runtime.speculative.drafters.draft_model import check_same_tokenizer
+
+    if config.draft_model is None:
+        if target_model is None:
+            raise TokoptError(f"{config.method!r} needs the target's PyTorch model for its self-speculative draft "
+                              "(or a draft_model); this engine has none loaded")
+        keep = config.draft_layers or default_draft_layers(target_model, tokenizer)
+        return target_model, list(keep)
+    draft, draft_tok = load(config.draft_model, progress=False)
+    check_same_tokenizer(tokenizer, draft_tok, target_vocab, draft.config.vocab_size)
+    return draft, None
+
+
 def build_drafter(config: SpeculativeConfig, *, engine, target_model=None, tokenizer=None, model_key: str = ""):
     """The drafter for ``config`` over ``engine`` (the target). Draft-model methods need ``target_model``
     (for the self-speculative draft and fingerprints) or ``config.draft_model``."""
@@ -106,22 +140,9 @@ def build_drafter(config: SpeculativeConfig, *, engine, target_model=None, token
 
 
 def _draft_model_drafter(config, budget, engine, target_model, tokenizer):
-    from tokopt.models import load
-    from tokopt.runtime.speculative.drafters.draft_model import (ChainPolicy, DraftModelDrafter, DraftRunner,
-                                                                 check_same_tokenizer, self_draft_layers)
+    from tokopt.runtime.speculative.drafters.draft_model import ChainPolicy, DraftModelDrafter, DraftRunner
 
-    if config.draft_model is None:
-        if target_model is None:
-            raise TokoptError(f"{config.method!r} needs the target's PyTorch model for its self-speculative draft "
-                              "(or a draft_model); this engine has none loaded")
-        draft, keep = target_model, list(config.draft_layers or self_draft_layers(target_model.config.num_hidden_layers))
-    else:
-        draft, draft_tok = load(config.draft_model, progress=False)
-        check_same_tokenizer(tokenizer, draft_tok, engine.spec.vocab_size, draft.config.vocab_size)
-        keep = None
-    if draft.config.vocab_size != engine.spec.vocab_size:
-        raise TokoptError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
-                          f"target's ({engine.spec.vocab_size}); a draft must share the target's tokenizer")
+    draft, keep = resolve_draft(config, target_model, tokenizer, engine.spec.vocab_size)
     method = config.method
     runner = DraftRunner.from_model(draft, keep_layers=keep, hidden=method == "specdec++")
     if method == "draft":

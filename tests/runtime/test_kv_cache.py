@@ -71,3 +71,29 @@ def test_compact_then_extend_round_trip():
     grown = kept.extend(present, torch.ones(1, 1, dtype=torch.bool))
     assert grown.length == 4
     assert grown.valid[0].tolist() == cache.valid[0, [0, 2, 4]].tolist() + [True]
+
+
+def test_compact_tail_moves_accepted_slots_per_row_and_kills_the_rest():
+    cache = _random_cache(batch=2, length=9)
+    before = [t.clone() for t in cache.tensors]
+    start = 4  # slots 4..8 are a verify step's tree nodes
+    index = torch.tensor([[0, 2, 3], [0, 4, 0]])  # row 0 accepted nodes 0, 2, 3; row 1 nodes 0, 4
+    index_valid = torch.tensor([[True, True, True], [True, True, False]])
+    out = cache.compact_tail(start, index, index_valid)
+    assert out.length == 9  # dead slots stay until drop_dead
+    for t, old in zip(out.tensors, before):
+        assert torch.equal(t[:, :, :start], old[:, :, :start])  # the prefix is untouched
+        assert torch.equal(t[0, :, start:start + 3], old[0, :, [4, 6, 7]])
+        assert torch.equal(t[1, :, start:start + 2], old[1, :, [4, 8]])
+    assert torch.equal(out.valid[:, :start], cache.valid[:, :start])
+    assert out.valid[:, start:].tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+    assert out.dead_slots() == 2
+
+
+def test_drop_dead_removes_slots_no_row_sees_and_keeps_the_null_slot():
+    cache = _random_cache(batch=2, length=6)
+    cache.valid[:] = torch.tensor([[False, True, False, True, False, False], [False, False, False, True, True, False]])
+    out = cache.drop_dead()
+    assert out.length == 4  # null slot 0, then slots 1, 3, 4
+    assert out.valid.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert torch.equal(out.tensors[0], cache.tensors[0][:, :, [0, 1, 3, 4]])

@@ -17,7 +17,7 @@ second model, no training, shared weights.
 
 Example::
 
-    runner = DraftRunner.from_model(model, keep_layers=self_draft_layers(30))
+    runner = DraftRunner.from_model(model, keep_layers=self_draft_layers(model, tokenizer))
     drafter = DraftModelDrafter(runner, ChainPolicy(length=4))
     result = speculative_generate(engine, ids, drafter=drafter, max_new_tokens=128)
 """
@@ -38,13 +38,43 @@ from tokopt.runtime.speculative.drafters.base import Drafter
 from tokopt.runtime.speculative.tree import DraftTree
 
 
-def self_draft_layers(num_layers: int, keep_every: int = 2, keep_edges: int = 2) -> list:
-    """Layers of a self-speculative draft: the first and last ``keep_edges`` and every ``keep_every``-th
-    layer between them (SWIFT / Draft&Verify style skipping of middle layers)."""
-    if num_layers <= 2 * keep_edges:
-        return list(range(num_layers))
-    middle = list(range(keep_edges, num_layers - keep_edges))[::keep_every]
-    return sorted(set(range(keep_edges)) | set(middle) | set(range(num_layers - keep_edges, num_layers)))
+def self_draft_layers(model, tokenizer=None, skip_share: float = 0.2, calibration_ids=None) -> list:
+    """Layers of a self-speculative draft: all but the ``skip_share`` of layers whose removal changes the
+    target's greedy predictions least (one ablation forward per layer on calibration text; the text shipped
+    with tokopt by default). Skipping every other middle layer instead keeps under 5% of SmolLM2-135M's top-1
+    predictions; skipping the 20% least needed keeps about 60%."""
+    from tokopt.runtime.kv_cache import KVCache
+
+    layers = model.config.num_hidden_layers
+    n_skip = int(round(skip_share * layers))
+    if n_skip == 0:
+        return list(range(layers))
+    ids = calibration_ids if calibration_ids is not None else _calibration_ids(tokenizer)
+    n = ids.shape[1]
+    mask = step_mask(torch.zeros(1, 1, dtype=torch.bool), causal_structure(n, 1), dtype=torch.float32)
+
+    def predictions(keep):
+        graph = DecoderGraph(model, keep_layers=keep).eval()
+        cache = KVCache.empty(graph.spec, 1)
+        with torch.inference_mode():
+            return graph(ids, torch.arange(n)[None], mask.to(graph.spec.torch_dtype), torch.arange(n),
+                         *cache.tensors)[0][0].argmax(-1)
+
+    full = predictions(None)
+    agreement = [(float((predictions([j for j in range(layers) if j != i]) == full).float().mean()), -i)
+                 for i in range(layers)]
+    skipped = {-i for _, i in sorted(agreement, reverse=True)[:n_skip]}
+    return [i for i in range(layers) if i not in skipped]
+
+
+def _calibration_ids(tokenizer, max_tokens: int = 384):
+    from importlib import resources
+
+    text = resources.files("tokopt").joinpath("data/calibration.txt").read_text()
+    if tokenizer is None:
+        raise TokoptError("the self-speculative draft needs the model's tokenizer to calibrate which layers to "
+                          "skip; pass SpeculativeConfig(draft_layers=[...]) instead")
+    return tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, target_vocab: int, draft_vocab: int) -> None:
