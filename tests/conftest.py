@@ -57,6 +57,16 @@ def opt(real_model):
     return tokopt.optimize(real_model)
 
 
+@pytest.fixture(scope="session")
+def onnx_engine_dir(real_model, tokenizer, opt, tmp_path_factory):
+    """The session's ``opt`` exported once as an ONNX engine directory (about 2 minutes)."""
+    from tokopt.engine_dir import export_engine
+
+    opt.tokenizer = tokenizer
+    path = tmp_path_factory.mktemp("engines") / "smollm2"
+    return export_engine(opt, path, model_config=real_model.config.to_dict(), model_name="smollm2-135m-instruct")
+
+
 def _shared_dir() -> Path | None:
     env = os.environ.get("TOKOPT_SHARED")
     candidates = [Path(env)] if env else []

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared/data/corpus)")
     t.add_argument("--draft-model", default=None, metavar="NAME_OR_PATH",
                    help="a draft model sharing the tokenizer (default: the self-speculative draft)")
-    t.add_argument("--max-tokens", type=int, default=40_000, metavar="N",
-                   help="training examples (tokens) at most (default 40000)")
+    t.add_argument("--max-tokens", type=int, default=24_000, metavar="N",
+                   help="training examples (tokens) at most (default 24000: about 3 minutes for SmolLM2-135M)")
     t.add_argument("--epochs", type=int, default=3, metavar="N", help="passes over the examples (default 3)")
     t.add_argument("-o", "--output", default=None, metavar="PATH",
                    help="where to save the head (default: the tokopt cache, where specdec++ looks for it)")
@@ -221,7 +221,8 @@ def cmd_train_specdec(args) -> int:
     m = result.metrics
     print(f"{m['examples']} examples ({m['val_examples']} held out) in {m['seconds']:.1f} s; acceptance rate "
           f"greedy {m['positive_rate_greedy']:.3f}, sampling {m['positive_rate_sampling']:.3f}")
-    print(f"validation ({m['label']} label): AUC {m['val_auc']:.3f}, accuracy {m['val_accuracy']:.3f}, balanced "
+    print(f"validation ({m['label']} label): AUC {m['val_auc']:.3f} (draft top probability alone "
+          f"{m['val_auc_draft_confidence']:.3f}), accuracy {m['val_accuracy']:.3f}, balanced "
           f"accuracy {m['val_balanced_accuracy']:.3f}, BCE {m['val_bce']:.4f} (constant predictor "
           f"{m['val_bce_constant']:.4f}, train {m['train_bce']:.4f}, reject weight {m['reject_weight']:g})")
     print(f"wrote {result.path} (loss curve {result.plot})")

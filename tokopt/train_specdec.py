@@ -12,7 +12,7 @@ the feature is the draft's final normed hidden state at t (the node a token is d
 Both positive rates are recorded. ``AcceptanceHead`` is trained with Adam on a weighted BCE that weights the
 rejection class by ``reject_weight`` (default 6, the paper's mismatch weight). The weight shifts the head's
 logit by about ``-ln 6``: it predicts rejection more readily, so with ``SpecDecPolicy``'s default stop
-threshold 0.3 a single token is drafted only when its calibrated acceptance probability is above ~0.93. That
+threshold 0.3 drafting goes on after a token only when its calibrated acceptance probability is above ~0.93. That
 suits the self-speculative draft, whose forward costs ~80% of the target's; for a much cheaper draft model,
 a weight near 1 (or a higher threshold) drafts longer chains. A random 10% of the chunks is held out for
 validation. The head is saved with the pair's fingerprints at ``specdec_head_path`` (where ``specdec++``
@@ -21,9 +21,9 @@ looks), with a loss-curve PNG beside it.
 Example::
 
     from tokopt.train_specdec import train_specdec
-    result = train_specdec(max_tokens=8000, epochs=2)        # default model, self-speculative draft
+    result = train_specdec(max_tokens=8000, epochs=2)      # default model, self-speculative draft
     print(result.metrics["val_auc"], result.path)
-    opt = tokopt.optimize(model, speculative="specdec++")     # finds the head
+    opt = tokopt.optimize(speculative="specdec++")          # the same pair: finds the head
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ from tokopt.speculative import SpeculativeConfig, resolve_draft, specdec_head_pa
 
 LABELS = ("greedy", "sampling")
 VAL_SHARE = 0.1
-BATCH = 256
+# Mini-batches of 64 at Adam lr 1e-4 (the default): an Adam step moves the logit by up to lr * sum|x|, and the
+# features (final-normed hidden states) are large, RMS ~1.8 over 576 dims for SmolLM2; at lr 1e-3 and batch
+# 256 the first steps overshot (training loss rose from the constant predictor's 1.32 to 1.9).
+BATCH = 64
 CHARS_PER_TOKEN = 8  # generous: a window of seq_len * 8 characters holds seq_len tokens of prose or code
 
 
@@ -58,17 +61,18 @@ class TrainResult:
     metrics: dict
 
 
-def train_specdec(model=None, *, config=None, texts=None, token_ids=None, tokenizer=None, max_tokens: int = 40_000,
+def train_specdec(model=None, *, config=None, texts=None, token_ids=None, tokenizer=None, max_tokens: int = 24_000,
                   seq_len: int = 256, epochs: int = 3, reject_weight: float = 6.0, label: str = "greedy",
-                  blocks: int = 1, lr: float = 1e-3, out=None, progress: bool = True, seed: int = 0) -> TrainResult:
+                  blocks: int = 1, lr: float = 1e-4, out=None, progress: bool = True, seed: int = 0) -> TrainResult:
     """Train and save the SpecDec++ acceptance head for ``model`` (name, path, loaded model or None for the
     default) and the draft ``config`` (a ``SpeculativeConfig("specdec++", ...)``; default: self-speculative).
 
     Data: ``texts`` (strings, or files / folders of ``*.txt`` given as ``Path``s or as strings naming existing
     paths; default the offline corpus ``shared/data/corpus``) tokenized with ``tokenizer`` (default: the
     model's), or ``token_ids`` (sequences of ids, for models without a tokenizer). At most ``max_tokens``
-    examples in chunks of ``seq_len`` tokens; 40,000 take about 2-3 minutes of forwards for SmolLM2-135M on
-    2 CPU cores. The head goes to ``out`` or, by default, where ``specdec++`` looks for this pair's head.
+    examples in chunks of ``seq_len`` tokens; 24,000 take about 2.7 minutes of forwards for SmolLM2-135M on
+    2 idle CPU cores (~1.7 s per chunk for target and draft; several times longer on busy cores). The head
+    goes to ``out`` or, by default, where ``specdec++`` looks for this pair's head.
     """
     start = time.perf_counter()
     config = config or SpeculativeConfig("specdec++")
@@ -105,8 +109,8 @@ def train_specdec(model=None, *, config=None, texts=None, token_ids=None, tokeni
 
     metrics = _metrics(head, train, val, label, reject_weight, curve)
     metrics.update(label=label, reject_weight=reject_weight, epochs=epochs, seq_len=seq_len,
-                   positive_rate_greedy=float(torch.cat([train["greedy"], val["greedy"]]).mean()),
-                   positive_rate_sampling=float(torch.cat([train["sampling"], val["sampling"]]).mean()),
+                   positive_rate_greedy=float(torch.cat([d["greedy"] for d in data]).mean()),
+                   positive_rate_sampling=float(torch.cat([d["sampling"] for d in data]).mean()),
                    examples=len(train["hidden"]) + len(val["hidden"]), train_examples=len(train["hidden"]),
                    val_examples=len(val["hidden"]), chunks=len(chunks),
                    draft_layers=None if keep is None else list(keep), forward_seconds=forward_s)
@@ -134,7 +138,7 @@ def _check_args(config, max_tokens, seq_len, epochs, reject_weight, label, block
         raise TokoptError("pass texts or token_ids, not both")
 
 
-def shared_corpus() -> list:
+def _corpus_files() -> list:
     """The offline corpus' ``*.txt`` files: ``$TOKOPT_SHARED/data/corpus`` or ``../shared`` beside the repo."""
     env = os.environ.get("TOKOPT_SHARED")
     candidates = [Path(env)] if env else []
@@ -146,11 +150,11 @@ def shared_corpus() -> list:
 def _read_texts(texts) -> list:
     """The training texts: strings as given, files read, folders' ``*.txt`` files read."""
     if texts is None:
-        files = shared_corpus()
+        files = _corpus_files()
         if not files:
             raise TokoptError("no training text: the offline corpus (shared/data/corpus, or $TOKOPT_SHARED) is not "
                               "here; pass --text FILE (a text file or a folder of .txt files)")
-        return [f.read_text(errors="replace") for f in files]
+        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if isinstance(texts, (str, Path)):
         texts = [texts]
     out = []
@@ -161,9 +165,9 @@ def _read_texts(texts) -> list:
                 files = sorted(path.glob("*.txt"))
                 if not files:
                     raise TokoptError(f"{path} is a folder without .txt files; pass text files or such a folder")
-                out += [f.read_text(errors="replace") for f in files]
+                out += [f.read_text(encoding="utf-8", errors="replace") for f in files]
             elif path.is_file():
-                out.append(path.read_text(errors="replace"))
+                out.append(path.read_text(encoding="utf-8", errors="replace"))
             else:
                 raise TokoptError(f"no such file or folder: {path}")
         else:
@@ -199,14 +203,14 @@ def _text_chunks(texts: list, tokenizer, seq_len: int, max_tokens: int) -> list:
             line = text.rfind("\n", 0, offset) + 1 if offset else 0  # start at a line
             ids = tokenizer(text[line:line + span], add_special_tokens=False).input_ids
             chunks.append(torch.tensor(ids[:seq_len]))
-    return _cap([c for c in chunks if len(c) >= 2], max_tokens)
+    return _cap([c for c in chunks if len(c)], max_tokens)
 
 
 def _id_chunks(token_ids, seq_len: int, max_tokens: int) -> list:
     chunks = []
     for row in token_ids:
         row = torch.as_tensor(row, dtype=torch.long).reshape(-1)
-        chunks += [row[i:i + seq_len] for i in range(0, len(row), seq_len) if len(row) - i >= 2]
+        chunks += list(row.split(seq_len))
     return _cap(chunks, max_tokens)
 
 
@@ -229,7 +233,8 @@ def _forward(graph, ids):
 
 
 def _examples(target, draft, keep, chunks: list, progress: bool) -> list:
-    """Per chunk: draft hidden states and both acceptance labels at every position."""
+    """Per chunk, at every position: the draft's hidden state, both acceptance labels, and the draft's top
+    probability (a baseline predictor of acceptance)."""
     from tqdm.auto import tqdm
 
     target_graph = DecoderGraph(target).eval()
@@ -241,9 +246,10 @@ def _examples(target, draft, keep, chunks: list, progress: bool) -> list:
             p_logits = _forward(target_graph, ids)[0][0].float()
             outputs = _forward(draft_graph, ids)
             q_logits, hidden = outputs[0][0].float(), outputs[-1][0].float()
-            sampling = torch.minimum(p_logits.softmax(-1), q_logits.softmax(-1)).sum(-1).clamp(0, 1)
+            q = q_logits.softmax(-1)
+            sampling = torch.minimum(p_logits.softmax(-1), q).sum(-1).clamp(0, 1)
             greedy = (p_logits.argmax(-1) == q_logits.argmax(-1)).float()
-            data.append({"hidden": hidden, "greedy": greedy, "sampling": sampling})
+            data.append({"hidden": hidden, "greedy": greedy, "sampling": sampling, "confidence": q.max(-1).values})
     return data
 
 
@@ -288,7 +294,8 @@ def _fit(head, train: dict, val: dict, label: str, reject_weight: float, epochs:
 
 def _metrics(head, train: dict, val: dict, label: str, reject_weight: float, curve: dict) -> dict:
     """Validation quality of the head. Classification metrics use the trained label binarized at 0.5 (exact
-    for the greedy label) and the head's own decision ``P(accept) > 0.5``."""
+    for the greedy label) and the head's own decision ``P(accept) > 0.5`` (which the rejection weight makes
+    conservative). Baselines: the best constant predictor's BCE, and the AUC of the draft's top probability."""
     with torch.no_grad():
         train_bce = float(_weighted_bce(head(train["hidden"]), train[label], reject_weight))
         logits = head(val["hidden"])
@@ -301,6 +308,7 @@ def _metrics(head, train: dict, val: dict, label: str, reject_weight: float, cur
             "val_bce_constant": float(_weighted_bce(constant, labels, reject_weight)),
             "val_accuracy": float((said == truth).float().mean()),
             "val_balanced_accuracy": (recall_pos + recall_neg) / 2, "val_auc": _auc(logits, truth),
+            "val_auc_draft_confidence": _auc(val["confidence"], truth),
             "val_mean_p_accept": float(torch.sigmoid(logits).mean())}
 
 

@@ -32,10 +32,8 @@ def smol(real_model, tokenizer, opt):
 
 
 @pytest.fixture(scope="module")
-def engine_dir(smol, tmp_path_factory):
-    model, _, opt = smol
-    path = tmp_path_factory.mktemp("engines") / "smollm2"
-    return export_engine(opt, path, model_config=model.config.to_dict(), model_name="smollm2-135m-instruct")
+def engine_dir(onnx_engine_dir):
+    return onnx_engine_dir
 
 
 @pytest.fixture(scope="module")

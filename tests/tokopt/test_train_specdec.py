@@ -2,6 +2,7 @@
 saving it for its target/draft pair, and using it losslessly through ``tokopt.optimize``."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ CHUNKS, SEQ = 16, 32
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
-    """(tiny target, TrainResult, cache dir): a head trained at the default place of a TOKOPT_CACHE in tmp."""
+    """(tiny target, TrainResult): a head trained on random ids, saved at the default place of a tmp cache."""
     model = tiny_model("llama")
     cache = tmp_path_factory.mktemp("cache")
     ids = torch.randint(0, model.config.vocab_size, (CHUNKS, SEQ), generator=torch.Generator().manual_seed(1))
@@ -72,8 +73,8 @@ def test_specdec_greedy_equals_plain_greedy_with_varying_chains(trained):
                                specdec_threshold=threshold)
     opt = tokopt.optimize(model, tokopt.OptimizeConfig(passes=()), speculative=config)
     prompts = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
-    plain = opt.with_speculative(None).generate(prompts, max_new_tokens=32, eos_token_id=[])
-    spec = opt.generate(prompts, max_new_tokens=32, eos_token_id=[])
+    plain = opt.with_speculative(None).generate(prompts, max_new_tokens=16, eos_token_id=[])
+    spec = opt.generate(prompts, max_new_tokens=16, eos_token_id=[])
     assert torch.equal(spec, plain)
     lengths = opt.drafter.policy.lengths
     assert len(set(lengths)) > 1, lengths
@@ -113,3 +114,18 @@ def test_cli_bad_argument_is_one_line(argv, message, capsys):
     assert main(["train-specdec", *argv]) == 2  # fails before loading any model
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tokopt: error: ") and message in err[0]
+
+
+def test_cli_passes_its_arguments_and_prints_the_metrics(trained, tmp_path, monkeypatch, capsys):
+    import tokopt.train_specdec as module
+
+    calls = []
+    monkeypatch.setattr(module, "train_specdec", lambda model, **kw: calls.append((model, kw)) or trained[1])
+    assert main(["train-specdec", "some-model", "--text", "a.txt", "--text", str(tmp_path), "--max-tokens", "999",
+                 "--epochs", "4", "--draft-model", "small", "-o", "head.pt"]) == 0
+    [(model, kw)] = calls
+    assert model == "some-model" and kw["texts"] == [Path("a.txt"), tmp_path] and kw["out"] == "head.pt"
+    assert kw["max_tokens"] == 999 and kw["epochs"] == 4
+    assert kw["config"].method == "specdec++" and kw["config"].draft_model == "small"
+    out = capsys.readouterr().out
+    assert f"wrote {trained[1].path}" in out and "AUC" in out and "acceptance rate greedy" in out
