@@ -3,4 +3,4 @@
 Importing this package registers every pass; ``tokopt passes`` lists them.
 """
 
-from tokopt.passes import entropy_tap, remove_noop_casts  # noqa: F401
+from tokopt.passes import entropy_tap, remove_noop_casts, small_batch_linear  # noqa: F401

@@ -48,7 +48,8 @@ class SpecBenchConfig:
     budget: int | str = "auto"
     engine_dir: str | None = None
     out: str = "bench/out"
-    passes: tuple = field(default_factory=lambda: DEFAULT_PASSES)
+    passes: tuple = field(default_factory=lambda: DEFAULT_PASSES)  # of the ONNX engine
+    eager_passes: tuple = field(default_factory=lambda: (*DEFAULT_PASSES, "small_batch_linear"))
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -96,11 +97,13 @@ def _runners(config, model, tokenizer):
 
     runners, engines, opt = {}, {}, None
     n = config.max_new_tokens
-    if "eager" in config.engines or ("onnx" in config.engines and not config.engine_dir):
-        opt = tokopt.optimize(model, OptimizeConfig(passes=tuple(config.passes)))
+    if "eager" in config.engines:
+        engines["eager"] = tokopt.optimize(model, OptimizeConfig(passes=tuple(config.eager_passes)))
+        engines["eager"].tokenizer = tokenizer
+    if "onnx" in config.engines and not config.engine_dir:
+        opt = engines["eager"] if config.eager_passes == config.passes and "eager" in engines else \
+            tokopt.optimize(model, OptimizeConfig(passes=tuple(config.passes)))
         opt.tokenizer = tokenizer
-        if "eager" in config.engines:
-            engines["eager"] = opt
     if "onnx" in config.engines:
         engines["onnx"] = tokopt.load_engine(_engine_dir(config, opt, model))
         engines["onnx"].model = model  # draft-model methods draft with the torch model

@@ -21,6 +21,8 @@ from tokopt.progress import progress_step
 from tokopt.runtime.eager_engine import EagerEngine
 
 DEFAULT_PASSES = ("remove_noop_casts", "entropy_tap")
+# small_batch_linear speeds the eager engine on CPU (few-token steps) but slows ONNX Runtime (measured:
+# bench/RESULTS.md), so it is opt-in: OptimizeConfig(passes=(*DEFAULT_PASSES, "small_batch_linear")).
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ def latency_profile(engine, model_key: str, max_nodes: int = 32, past: int = 256
     return profile
 
 
-def best_size(curve, profile: LatencyProfile) -> int:
-    """The number of draft nodes n (>= 1) maximizing ``curve[n] / profile(n + 1)``."""
-    rates = [(curve[n] / profile(n + 1), n) for n in range(1, len(curve))]
+def best_size(curve, profile: LatencyProfile, extra_nodes: int = 0) -> int:
+    """The number of draft nodes n (>= 1) maximizing ``curve[n] / profile(n + 1 + extra_nodes)``
+    (``extra_nodes``: nodes the tree carries besides the n sized here, e.g. merged lookup guesses)."""
+    rates = [(curve[n] / profile(n + 1 + extra_nodes), n) for n in range(1, len(curve))]
     return max(rates)[1]

@@ -27,7 +27,7 @@ def engine_of(model):
 
 def drafters(model, spec):
     return {
-        "recycling": TokenRecycling(spec.vocab_size, RecyclingConfig(budget=6)),
+        "recycling": TokenRecycling(spec.vocab_size, RecyclingConfig(budget=6, lookup_nodes=0)),
         "recycling+lookup": TokenRecycling(spec.vocab_size, RecyclingConfig(budget=4, lookup_nodes=3)),
         "lookup": PromptLookup(LookupConfig(budget=5)),
         "draft": DraftModelDrafter(DraftRunner.from_model(model, keep_layers=[0]), ChainPolicy(3)),
