@@ -91,15 +91,21 @@ def check_prompt(input_ids, prompt_valid, max_new_tokens, max_positions):
         )
 
 
-def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampling=SamplingParams(),
-             eos_token_ids=(), pad_token_id=None, stop_strings=(), tokenizer=None) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` per row (see module docstring)."""
+def prompt_inputs(input_ids, attention_mask, max_new_tokens, max_positions):
+    """``[B, T]`` ids (a ``[T]`` row is batched) and their validity, checked against the context window."""
     input_ids = torch.as_tensor(input_ids)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     prompt_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                     else torch.as_tensor(attention_mask).bool())
-    check_prompt(input_ids, prompt_valid, max_new_tokens, engine.spec.max_positions)
+    check_prompt(input_ids, prompt_valid, max_new_tokens, max_positions)
+    return input_ids, prompt_valid
+
+
+def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampling=SamplingParams(),
+             eos_token_ids=(), pad_token_id=None, stop_strings=(), tokenizer=None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` per row (see module docstring)."""
+    input_ids, prompt_valid = prompt_inputs(input_ids, attention_mask, max_new_tokens, engine.spec.max_positions)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(eos_token_ids[0]) if len(eos_token_ids) else 0)
     stopper = StopStrings(stop_strings, tokenizer)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokopt.runtime.generate import GenerationResult, StopStrings, check_prompt, prefill_rows
+from tokopt.runtime.generate import GenerationResult, StopStrings, prefill_rows, prompt_inputs
 from tokopt.runtime.masks import step_mask
 from tokopt.runtime.sampling import SamplingParams, next_token
 from tokopt.runtime.speculative.tree import DraftTree, pack_trees
@@ -87,12 +87,7 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
                          sampling=SamplingParams(), eos_token_ids=(), pad_token_id=None, stop_strings=(),
                          tokenizer=None) -> GenerationResult:
     """Generate with ``drafter``'s trees, losslessly (see module docstring); ``result.stats`` holds MAT."""
-    input_ids = torch.as_tensor(input_ids)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    prompt_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                    else torch.as_tensor(attention_mask).bool())
-    check_prompt(input_ids, prompt_valid, max_new_tokens, engine.spec.max_positions)
+    input_ids, prompt_valid = prompt_inputs(input_ids, attention_mask, max_new_tokens, engine.spec.max_positions)
     eos = set(int(e) for e in eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     generator = sampling.generator()

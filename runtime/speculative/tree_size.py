@@ -62,16 +62,20 @@ class LatencyProfile:
         return cls({int(k): float(v) for k, v in d["seconds"].items()}, d["past"], d["machine"], d["engine"])
 
 
-def machine_id() -> str:
-    """CPU model, cores and torch threads (what decides CPU forward latency), plus a CUDA device if used."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_id() -> str:
+    """CPU model, cores and torch threads (what decides CPU forward latency), plus a CUDA device if used."""
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return f"{cpu} x{os.cpu_count()} threads={torch.get_num_threads()} {gpu}"
 
