@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to save the head (default: the tokopt cache, where specdec++ looks for it)")
 
     sub.add_parser("passes", help="list the registered graph passes")
+    for module in SUBCOMMAND_MODULES:  # each adds its own subcommand(s), with set_defaults(handler=...)
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -242,6 +245,9 @@ def cmd_passes(args) -> int:
     return 0
 
 
+# Modules that define further subcommands: ``add_parser(sub)`` adds them with ``set_defaults(handler=fn)``.
+SUBCOMMAND_MODULES: list[str] = []
+
 COMMANDS = {"generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "train-specdec": cmd_train_specdec,
             "passes": cmd_passes}
 
@@ -252,7 +258,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get("TOKOPT_DEBUG", "") not in ("", "0")
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except TokoptError as exc:
         if debug:
             raise

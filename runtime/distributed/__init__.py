@@ -1,0 +1,1 @@
+"""Expert-parallel execution over torch.distributed process groups (gloo on CPU, NCCL on GPUs)."""
