@@ -24,4 +24,20 @@ def load_engine(path, *, speculative=None):
     return _load_engine(path, speculative=speculative)
 
 
-__all__ = ["load", "optimize", "OptimizeConfig", "SpeculativeConfig", "load_engine", "TokoptError", "__version__"]
+def place(trace, gpus, **kwargs):
+    """Place MoE experts on GPUs from a routing trace (a RoutingTrace, an int array [T, L, k] or a path).
+
+    Returns a ``Placement``; see tokopt.moe.placement.place for the options (nodes, method, replicas...).
+
+    Example::
+
+        p = tokopt.place("shared/data/moe_traces/flame_moe_290m/prefill", gpus=4)
+        p.assignment          # [layers, experts] -> GPU
+    """
+    from tokopt.moe.placement import place as _place
+
+    return _place(trace, gpus, **kwargs)
+
+
+__all__ = ["load", "optimize", "OptimizeConfig", "SpeculativeConfig", "load_engine", "place", "TokoptError",
+           "__version__"]
