@@ -146,6 +146,21 @@ class DecoderGraph(nn.Module):
 
     def _attention(self, attn, x, cos_sin, mask, past_k, past_v):
         batch, n, _ = x.shape
+        q, k, v = self.project_qkv(attn, x, cos_sin)
+        keys = torch.cat([past_k, k], dim=2)
+        values = torch.cat([past_v, v], dim=2)
+        return self.attend(attn, q, keys, values, mask), keys, values
+
+    def attend(self, attn, q, keys, values, folded_mask):
+        """Attention output (after ``o_proj``) of queries ``q`` ``[B, H, N, D]`` over ``keys``/``values``."""
+        batch, _, n, _ = q.shape
+        out = _grouped_sdpa(q, keys, values, folded_mask, self.groups, attn.scaling)
+        out = _contiguous(out.transpose(1, 2)).view(batch, n, -1)
+        return attn.o_proj(out)
+
+    def project_qkv(self, attn, x, cos_sin):
+        """Rotated ``q`` ``[B, H, N, D]``, ``k`` and ``v`` ``[B, kvH, N, D]`` of the normed input ``x``."""
+        batch, n, _ = x.shape
         head_dim = self.spec.head_dim
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -161,11 +176,7 @@ class DecoderGraph(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, n, -1, head_dim).transpose(1, 2)
         q, k = _apply_rotary(q, k, *cos_sin)
-        keys = torch.cat([past_k, k], dim=2)
-        values = torch.cat([past_v, v], dim=2)
-        out = _grouped_sdpa(q, keys, values, mask, self.groups, attn.scaling)
-        out = _contiguous(out.transpose(1, 2)).view(batch, n, -1)
-        return attn.o_proj(out), keys, values
+        return q, k, v
 
 
 def _rotate_half(x):

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -60,7 +61,7 @@ def _child(rank, world_size, port, backend, timeout_s, threads, fn, args, result
     try:
         init_group(rank, world_size, backend=backend, port=port, timeout_s=timeout_s)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        results.put((rank, True, pickle.dumps(value)))  # plain bytes: tensors must outlive this process
     except BaseException as exc:  # reported to the parent, which names the rank
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"))
     finally:
@@ -72,7 +73,7 @@ def _child(rank, world_size, port, backend, timeout_s, threads, fn, args, result
 
 
 def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
-              threads_per_rank: int | None = None) -> list:
+              threads_per_rank: int | None = None, start_method: str | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return their results by rank.
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s`` bounds every collective
@@ -82,7 +83,7 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: floa
     if world_size < 1:
         raise DistributedError(f"world_size must be >= 1, got {world_size}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn"))
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world_size, port, backend, timeout_s, threads, fn, args, results),
@@ -105,7 +106,7 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: floa
                         if not ok:
                             failure = f"rank {rank} failed: {value}"
                             break
-                        out[rank] = value
+                        out[rank] = pickle.loads(value)
                     failure = failure or (f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode}) "
                                           "without a result")
                 elif time.monotonic() > deadline:
@@ -113,7 +114,7 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: floa
                     failure = f"ranks {waiting} did not finish within {timeout_s:.0f} s (hung?)"
                 continue
             if ok:
-                out[rank] = value
+                out[rank] = pickle.loads(value)
                 deadline = time.monotonic() + timeout_s + 10.0
             else:
                 waiting = [r for r in range(world_size) if r not in out and r != rank]

@@ -70,11 +70,11 @@ def load_topology(topology, **overrides) -> Topology:
 
 
 def routing_fractions(experts: np.ndarray, assignment: np.ndarray, gpus: int, *, stay_home: bool,
-                      gpus_per_node: int | None = None) -> dict:
+                      gpus_per_node: int | None = None, home: np.ndarray | None = None) -> dict:
     """Mean cross / split fractions (and the share of sent rows crossing nodes) of a trace under a placement.
 
     ``experts[T, L, k]`` by descending gate weight; ``assignment[L, E]`` -> rank. Tokens start on rank
-    ``token * gpus // T`` (sequences sharded in blocks). At each layer a token's destination is its current
+    ``home[t]`` (default ``token * gpus // T``: sequences sharded in blocks). At each layer a token's destination is its current
     rank if that hosts any of its experts, else its top expert's rank; cross = destination != current rank
     (layer 0 counts the move from home, so even a perfect affinity map keeps the first layer's crossings);
     split = further distinct ranks among its experts. ``stay_home`` (two_alltoall) keeps tokens at home;
@@ -88,7 +88,7 @@ def routing_fractions(experts: np.ndarray, assignment: np.ndarray, gpus: int, *,
     experts = np.asarray(experts)
     T, L, _ = experts.shape
     a = np.asarray(assignment)
-    home = (np.arange(T) * gpus) // T
+    home = (np.arange(T) * gpus) // T if home is None else np.asarray(home)
     cur = home.copy()
     node = (lambda r: r // gpus_per_node) if gpus_per_node else None
     cross, split, sent, inter = [], [], 0.0, 0.0

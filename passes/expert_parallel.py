@@ -1,0 +1,77 @@
+"""expert_parallel: shard every MoE layer's experts over N ranks, with dispatch and combine Alltoalls.
+
+Rewrites each ``moe_l`` node of an expert-parallel step program (``tokopt.runtime.distributed.program``) into::
+
+    route_l -> dispatch_l (all_to_all_single) -> experts_l (this rank's E/N experts) -> combine_l (all_to_all_single)
+
+so each MoE layer does two Alltoalls, as DeepSpeed-MoE, Tutel and Megatron do. The rank and world size come
+from ``gm.meta['ep']`` (set by the runtime before the passes run); rank r keeps experts
+``[r*E/N, (r+1)*E/N)`` of the program's numbering (``expert_placement`` first, to place them otherwise).
+
+Example::
+
+    gm = capture_program(model); gm.meta["ep"].update(world=4, rank=1)
+    gm, report = expert_parallel(gm)      # report.detail: "... 2 Alltoalls per MoE layer"
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokopt.errors import TokoptError
+from tokopt.pass_manager import PassReport, register_pass
+from tokopt.runtime.distributed.expert_ops import Exchange, LocalExperts, Route
+from tokopt.runtime.distributed.program import MoE, alltoalls_per_layer
+
+NAME = "expert_parallel"
+NOT_EP = ("no MoE step program: this pass rewrites tokopt's expert-parallel program "
+          "(tokopt.runtime.distributed.program.capture_program), run by `tokopt generate --ep N`")
+
+
+def moe_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MoE)]
+
+
+@register_pass(NAME, "shards MoE experts over N ranks: dispatch + combine all_to_all_single per layer")
+def expert_parallel(gm: torch.fx.GraphModule):
+    ep = gm.meta.get("ep")
+    if ep is None:
+        return gm, PassReport(NAME, why_not=NOT_EP)
+    nodes = moe_nodes(gm)
+    if not nodes:
+        return gm, PassReport(NAME, why_not="no unsharded MoE layer left (already sharded?)")
+    world, rank = int(ep.get("world", 1)), int(ep.get("rank", 0))
+    for node in nodes:
+        moe = gm.get_submodule(node.target)
+        if moe.num_experts % world:
+            raise TokoptError(
+                f"layer {moe.index} has {moe.num_experts} experts, which do not divide over {world} ranks; use a "
+                f"rank count dividing {moe.num_experts} (redundant experts are a placement option, not a runtime one)")
+        per = moe.num_experts // world
+        layer = moe.index
+        route = Route(moe)
+        experts = LocalExperts(moe, rank, world)
+        gm.add_submodule(f"route_{layer}", route)
+        gm.add_submodule(f"experts_{layer}", experts)
+        gm.add_submodule(f"dispatch_{layer}", Exchange("dispatch", layer, per_rank=per))
+        gm.add_submodule(f"combine_{layer}", Exchange("combine", layer, experts=experts))
+        tokens, ctx = node.args
+        with gm.graph.inserting_before(node):
+            routed = gm.graph.call_module(f"route_{layer}", (tokens, ctx))
+            work = gm.graph.call_module(f"dispatch_{layer}", (routed, ctx))
+            done = gm.graph.call_module(f"experts_{layer}", (work, ctx))
+            out = gm.graph.call_module(f"combine_{layer}", (done, ctx))
+        routed.meta["ep"] = {"layer": layer, "op": "route"}
+        work.meta["ep"] = {"layer": layer, "op": "dispatch", "alltoall": True}
+        done.meta["ep"] = {"layer": layer, "op": "experts"}
+        out.meta["ep"] = {"layer": layer, "op": "combine", "alltoall": True}
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)  # the unsharded experts are not kept on this rank
+    gm.recompile()
+    ep["strategy"] = "two_alltoall"
+    counts = alltoalls_per_layer(gm)
+    per_layer = sorted(set(counts.values()))
+    return gm, PassReport(NAME, matched=len(nodes), changed=True,
+                          detail=f"sharded {len(nodes)} MoE layers over {world} ranks (rank {rank} keeps "
+                                 f"{per} experts per layer): {'/'.join(map(str, per_layer))} Alltoalls per MoE layer")

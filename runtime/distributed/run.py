@@ -1,0 +1,120 @@
+"""Expert-parallel generation across N processes: what ``tokopt generate --ep N`` runs.
+
+``ep_generate(model, prompts, ranks=N, strategy=...)`` starts N ranks (``launch.run_ranks``; under
+``torchrun`` call ``rank_main`` on each), each of which captures the step program, runs the passes for the
+strategy (``expert_placement`` if a placement is given, ``expert_parallel``, and ``fuse_alltoall`` for
+``context_coherent``), and greedy-decodes every prompt. Ranks agree on every token; rank 0's view is returned
+with every rank's counters.
+
+Example::
+
+    res = ep_generate(model, [[1, 2, 3]], ranks=2, strategy="context_coherent", max_new_tokens=8)
+    res.tokens, res.reports, res.summary()["alltoalls_per_layer"]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tokopt.errors import TokoptError
+from tokopt.runtime.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
+
+STRATEGIES = ("two_alltoall", "context_coherent")
+
+
+def strategy_passes(strategy: str, placement) -> list[str]:
+    if strategy not in STRATEGIES:
+        raise TokoptError(f"unknown expert-parallel strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    passes = ["expert_placement"] if placement is not None else []
+    passes.append("expert_parallel")
+    if strategy == "context_coherent":
+        passes.append("fuse_alltoall")
+    return passes
+
+
+def build_rank_program(model, rank: int, world: int, strategy: str, placement=None):
+    """The step program of ``model`` for one rank, with the strategy's passes applied; returns (gm, reports)."""
+    from tokopt.pass_manager import run_passes
+    from tokopt.runtime.distributed.program import capture_program, check_moe
+
+    check_moe(model)
+    gm = capture_program(model)
+    gm.meta["ep"].update(world=world, rank=rank, placement=None if placement is None else np.asarray(placement))
+    gm.meta["tokopt"] = {"history": [], "output_names": []}
+    return run_passes(gm, strategy_passes(strategy, placement))
+
+
+def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, eos_token_id, keep_logits):
+    """One rank's whole run (the process group is already initialised); returns its results and counters."""
+    from tokopt.models import load
+    from tokopt.runtime.distributed.generate import generate_on_rank
+    from tokopt.runtime.distributed.program import StepContext
+
+    if isinstance(model, str):
+        model = load(model, progress=rank == 0)[0]
+    gm, reports = build_rank_program(model, rank, world, strategy, placement)
+    group = dist.group.WORLD if world > 1 else None
+    ctx = StepContext.single(gm, len(prompts), rank=rank, world=world, group=group)
+    with torch.no_grad():
+        result = generate_on_rank(gm, prompts, ctx, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  keep_logits=keep_logits)
+    result["counters"] = ctx.counters.records
+    result["routes"] = [(s, layer, idx.numpy(), experts.numpy(), r) for s, layer, idx, experts, r in ctx.routes]
+    result["kv_bytes"] = ctx.kv.bytes_held()
+    result["kv_replica"] = [(k[:, :, : int(ctx.kv.filled[i].max())].clone(), v[:, :, : int(ctx.kv.filled[i].max())].clone())
+                            for i, (k, v) in enumerate(zip(ctx.kv.k, ctx.kv.v))] if keep_logits else None
+    result["reports"] = [r.to_dict() for r in reports]
+    from tokopt.runtime.distributed.program import alltoalls_per_layer
+
+    result["alltoalls_per_layer"] = alltoalls_per_layer(gm)
+    result["moe_layers"] = gm.meta["ep"]["moe_layers"]
+    return result
+
+
+@dataclass
+class EPResult:
+    """What every rank returned; ``tokens``/``logits`` are rank 0's (all ranks agree)."""
+
+    strategy: str
+    world: int
+    ranks: list = field(repr=False)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return self.ranks[0]["tokens"]
+
+    @property
+    def reports(self) -> list[dict]:
+        return self.ranks[0]["reports"]
+
+    def summary(self) -> dict:
+        """Per MoE layer: tokens crossing ranks, bytes (max and mean per rank), collectives; K/V traffic;
+        measured cross-rank fraction; step times."""
+        from tokopt.runtime.distributed.stats import summarize
+
+        return summarize(self)
+
+
+def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent", placement=None,
+                max_new_tokens: int = 32, eos_token_id=None, keep_logits: bool = False,
+                timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "gloo") -> EPResult:
+    """Greedy-decode ``prompts`` (lists of token ids) with the experts sharded over ``ranks`` processes.
+
+    ``model``: a loaded HF MoE model or a name/path ``tokopt.load`` accepts (each rank loads it then).
+    ``placement``: ``[MoE layers, experts]`` rank per expert (``tokopt.place``), default contiguous.
+    """
+    strategy_passes(strategy, placement)  # a bad strategy fails before any process starts
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TokoptError("prompts must be a non-empty list of non-empty token id lists")
+    if not isinstance(model, str):
+        from tokopt.runtime.distributed.program import check_moe
+
+        check_moe(model)
+    args = (model, [list(map(int, p)) for p in prompts], strategy, placement, max_new_tokens, eos_token_id,
+            keep_logits)
+    results = run_ranks(rank_main, ranks, *args, timeout_s=timeout_s, backend=backend)
+    return EPResult(strategy, ranks, results)
