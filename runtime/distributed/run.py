@@ -110,10 +110,17 @@ def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent
     strategy_passes(strategy, placement)  # a bad strategy fails before any process starts
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TokoptError("prompts must be a non-empty list of non-empty token id lists")
-    if not isinstance(model, str):
+    if not isinstance(model, str):  # what can be checked here fails before any process starts
+        from tokopt.passes.expert_placement import check_placement
         from tokopt.runtime.distributed.program import check_moe
 
-        check_moe(model)
+        moe_layers = check_moe(model)
+        experts = model.model.layers[moe_layers[0]].mlp.experts.num_experts
+        if experts % ranks:
+            raise TokoptError(f"the model has {experts} experts per layer, which do not divide over {ranks} ranks; "
+                              f"use a rank count dividing {experts}")
+        if placement is not None:
+            check_placement(placement, moe_layers, experts, ranks)
     args = (model, [list(map(int, p)) for p in prompts], strategy, placement, max_new_tokens, eos_token_id,
             keep_logits)
     results = run_ranks(rank_main, ranks, *args, timeout_s=timeout_s, backend=backend)
