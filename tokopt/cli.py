@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passes(g)
     _add_speculative(g)
     _add_sampling(g)
+    ep = g.add_argument_group("expert parallelism (MoE models, e.g. --model smollm2-moe)")
+    ep.add_argument("--ep", type=int, default=None, metavar="N", help="shard the experts over N processes (gloo)")
+    ep.add_argument("--ep-strategy", default="context_coherent", choices=["context_coherent", "two_alltoall"],
+                    help="one Alltoall per MoE layer with K/V on every rank (ExFlow), or dispatch + combine")
+    ep.add_argument("--placement", default=None, metavar="MAP.json", help="expert placement from `tokopt place`")
 
     e = sub.add_parser("export", help="export an engine directory ahead of time",
                        description="Capture MODEL, run the passes and lower it to an engine directory.")
@@ -144,6 +149,8 @@ def cmd_generate(args) -> int:
     if any(not p.strip() for p in args.prompts):  # before minutes of loading and capture
         raise PromptError("empty prompt: give a non-blank PROMPT, e.g. tokopt generate \"What is the capital of France?\"")
     speculative = _speculative(args)
+    if args.ep is not None:
+        return _generate_ep(args, speculative)
     if args.engine:
         opt = tokopt.load_engine(args.engine, speculative=speculative)
         if opt.tokenizer is None:
@@ -172,6 +179,29 @@ def cmd_generate(args) -> int:
         if r.stats is not None:
             print(f"speculative {opt.speculative.method}: {r.stats.steps} verify steps, mean accepted tokens per "
                   f"step (MAT) {r.stats.mat:.2f}, tree sizes {sorted(set(r.stats.tree_sizes))}", file=sys.stderr)
+    return 0
+
+
+def _generate_ep(args, speculative) -> int:
+    from tokopt.errors import TokoptError
+    from tokopt.expert_parallel import generate_text_ep, print_summary
+
+    if args.ep < 1:
+        raise TokoptError(f"--ep must be a number of processes >= 1, got {args.ep}")
+    unsupported = [flag for flag, on in (("--engine", args.engine), ("--speculative", speculative),
+                                         ("--sample", args.sample), ("--stop", args.stop)) if on]
+    if unsupported:
+        raise TokoptError(f"--ep runs greedy decoding of a model (not {', '.join(unsupported)}); drop those flags")
+    texts, result = generate_text_ep(args.model or "smollm2-moe", args.prompts, ranks=args.ep,
+                                     strategy=args.ep_strategy, placement=args.placement,
+                                     max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None)
+    for i, text in enumerate(texts):
+        if len(args.prompts) > 1:
+            print(f"--- [{i}] {args.prompts[i]}")
+        print(text.strip())
+    if args.report:
+        print("\n".join(f"{r['name']}: {r['detail'] or r['why_not']}" for r in result.reports), file=sys.stderr)
+    print_summary(result)
     return 0
 
 

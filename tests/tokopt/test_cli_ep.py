@@ -1,0 +1,40 @@
+"""`tokopt generate --ep N`: text through sharded experts, the counters table, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokopt.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tiny_model, tokenizer, tmp_path_factory):
+    """A small random Mixtral with SmolLM2's tokenizer, saved as a local HF directory."""
+    model = tiny_model("mixtral", vocab_size=len(tokenizer), num_local_experts=4, num_experts=4)
+    path = tmp_path_factory.mktemp("tiny_moe")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["context_coherent", "two_alltoall"])
+def test_generate_ep_prints_text_and_counters(tiny_moe_dir, capsys, strategy):
+    rc = main(["generate", "--model", str(tiny_moe_dir), "--ep", "2", "--ep-strategy", strategy,
+               "--max-new-tokens", "4", "--no-chat", "--report", "Hello there", "Paris is"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.count("--- [") == 2
+    assert f"{strategy} over 2 ranks" in out.err and "cross-rank fraction" in out.err
+    assert ("Alltoalls per MoE layer [1]" if strategy == "context_coherent" else "Alltoalls per MoE layer [2]") in out.err
+
+
+def test_generate_ep_refuses_a_dense_model(capsys):
+    rc = main(["generate", "--model", "smollm2", "--ep", "2", "--max-new-tokens", "2", "Hi"])
+    assert rc == 2
+    assert "no Mixture-of-Experts layers" in capsys.readouterr().err
+
+
+def test_generate_ep_refuses_sampling(tiny_moe_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_moe_dir), "--ep", "2", "--sample", "Hi"])
+    assert rc == 2
+    assert "greedy" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Text in, text out with the experts of an MoE model sharded over N processes (``tokopt generate --ep N``).
+
+Example::
+
+    texts, result = generate_text_ep("smollm2-moe", ["What is the capital of France?"], ranks=4)
+    print(texts[0]); print(format_summary(result.summary()))
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tokopt.errors import TokoptError
+
+
+def generate_text_ep(model_name, prompts, *, ranks: int, strategy: str = "context_coherent", placement=None,
+                     max_new_tokens: int = 64, chat=None, timeout_s: float = 300.0):
+    """Encode ``prompts``, run ``ep_generate`` over ``ranks`` processes, decode; returns (texts, EPResult).
+    ``placement``: a MAP.json path (``tokopt place``), a Placement, an array, or None (contiguous)."""
+    from tokopt.models import load
+    from tokopt.moe.placement import Placement
+    from tokopt.runtime.distributed.run import ep_generate
+    from tokopt.runtime.prompts import encode_prompts
+
+    model, tokenizer = load(model_name)
+    if tokenizer is None:
+        raise TokoptError(f"{model_name} has no tokenizer files; text prompts need one")
+    if placement is not None and not hasattr(placement, "shape"):
+        placement = (placement if isinstance(placement, Placement) else Placement.from_json(placement)).assignment
+    ids, mask = encode_prompts(tokenizer, prompts, chat=chat)
+    lists = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    eos = tokenizer.eos_token_id
+    result = ep_generate(model, lists, ranks=ranks, strategy=strategy, placement=placement,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos, timeout_s=timeout_s)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+    return texts, result
+
+
+def format_summary(s: dict) -> str:
+    """The counters of an EP run as a small table: per MoE layer, tokens crossing ranks and bytes per rank."""
+    lines = [f"{s['strategy']} over {s['ranks']} ranks, {s['steps']} steps: payload Alltoalls per MoE layer "
+             f"{sorted(set(s['alltoalls_per_layer'].values()))}, cross-rank fraction {s['cross_fraction']:.3f}",
+             "layer  kind       tokens  bytes max/rank  bytes mean/rank"]
+    for layer, kinds in s["per_layer"].items():
+        for kind, row in kinds.items():
+            lines.append(f"{layer:>5}  {kind:<9} {row['tokens']:>7}  {row['bytes_max']:>14,}  {row['bytes_mean']:>15,.0f}")
+    lines.append(f"K/V coherence traffic {s['kv_sync_bytes']:,.0f} B; K/V held per rank "
+                 f"{', '.join(f'{b:,}' for b in s['kv_bytes_per_rank'])} B; collectives per step "
+                 + ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["collectives_per_step"].items())))
+    lines.append("median step time per rank: " + ", ".join(f"{t * 1000:.1f} ms" for t in s["step_s"]))
+    return "\n".join(lines)
+
+
+def print_summary(result, file=None) -> None:
+    print(format_summary(result.summary()), file=file or sys.stderr)
