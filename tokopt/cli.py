@@ -195,6 +195,8 @@ def _generate_ep(args, speculative) -> int:
     texts, result = generate_text_ep(args.model or "smollm2-moe", args.prompts, ranks=args.ep,
                                      strategy=args.ep_strategy, placement=args.placement,
                                      max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return 0
     for i, text in enumerate(texts):
         if len(args.prompts) > 1:
             print(f"--- [{i}] {args.prompts[i]}")

@@ -157,7 +157,7 @@ class Attention(nn.Module):
 
     def _share(self, tokens, k, v, ctx):
         width_kv = k.shape[1] * k.shape[2]
-        rows = pack(tokens.seq, tokens.pos, k.reshape(len(tokens), -1), v.reshape(len(tokens), -1))
+        rows = pack(tokens.seq, tokens.pos, k.reshape(len(tokens), width_kv), v.reshape(len(tokens), width_kv))
         parts = allgather_rows(rows, ctx, kind="kv_sync", layer=self.index, width=2 + 2 * width_kv)
         for r, part in enumerate(parts):
             if r == ctx.rank or not len(part):

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tokopt.errors import TokoptError
-from tokopt.runtime.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
+from tokopt.runtime.distributed.launch import DEFAULT_TIMEOUT_S, in_torchrun, init_group, run_ranks
 
 STRATEGIES = ("two_alltoall", "context_coherent")
 
@@ -123,5 +124,15 @@ def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent
             check_placement(placement, moe_layers, experts, ranks)
     args = (model, [list(map(int, p)) for p in prompts], strategy, placement, max_new_tokens, eos_token_id,
             keep_logits)
+    if in_torchrun():  # this process is one rank of a group torchrun started: run here, gather the counters
+        if not dist.is_initialized():
+            init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), backend=backend, timeout_s=timeout_s)
+        world = dist.get_world_size()
+        if world != ranks:
+            raise TokoptError(f"--ep {ranks} but torchrun started {world} processes; make them agree")
+        mine = rank_main(dist.get_rank(), world, *args)
+        results = [None] * world
+        dist.all_gather_object(results, mine)
+        return EPResult(strategy, world, results)
     results = run_ranks(rank_main, ranks, *args, timeout_s=timeout_s, backend=backend)
     return EPResult(strategy, ranks, results)

@@ -79,6 +79,13 @@ def test_ep_equals_single_process(tiny_model, world, strategy, placed):
         assert sorted(idx) == list(range(n)), (step, layer)
 
 
+@pytest.mark.parametrize("strategy", ["two_alltoall", "context_coherent"])
+def test_more_ranks_than_sequences(tiny_model, strategy):
+    model = moe_model(tiny_model, 4)
+    res = ep_generate(model, PROMPTS[:1], ranks=4, strategy=strategy, max_new_tokens=3, timeout_s=60)
+    assert res.tokens[0] == hf_greedy(model, PROMPTS[0], 3)
+
+
 def test_kv_replicas_identical_across_ranks(tiny_model):
     model = moe_model(tiny_model, 8)
     res = ep_generate(model, PROMPTS, ranks=4, strategy="context_coherent", max_new_tokens=NEW, keep_logits=True,
