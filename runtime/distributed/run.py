@@ -49,14 +49,21 @@ def build_rank_program(model, rank: int, world: int, strategy: str, placement=No
     return run_passes(gm, strategy_passes(strategy, placement))
 
 
-def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, eos_token_id, keep_logits):
-    """One rank's whole run (the process group is already initialised); returns its results and counters."""
+def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, eos_token_id, keep_logits,
+              backend="gloo"):
+    """One rank's whole run (the process group is already initialised); returns its results and counters.
+    With NCCL the rank works on its own GPU (``cuda:rank % devices``); results come back on the CPU."""
     from tokopt.models import load
     from tokopt.runtime.distributed.generate import generate_on_rank
     from tokopt.runtime.distributed.program import StepContext
 
     if isinstance(model, str):
         model = load(model, progress=rank == 0)[0]
+    if backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.set_default_device(device)  # every buffer the runtime makes lives on this rank's GPU
+        model = model.to(device)
     gm, reports = build_rank_program(model, rank, world, strategy, placement)
     group = dist.group.WORLD if world > 1 else None
     ctx = StepContext.single(gm, len(prompts), rank=rank, world=world, group=group)
@@ -64,10 +71,14 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
         result = generate_on_rank(gm, prompts, ctx, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                   keep_logits=keep_logits)
     result["counters"] = ctx.counters.records
-    result["routes"] = [(s, layer, idx.numpy(), experts.numpy(), r) for s, layer, idx, experts, r in ctx.routes]
+    result["routes"] = [(s, layer, idx.cpu().numpy(), experts.cpu().numpy(), r)
+                        for s, layer, idx, experts, r in ctx.routes]
     result["kv_bytes"] = ctx.kv.bytes_held()
-    result["kv_replica"] = [(k[:, :, : int(ctx.kv.filled[i].max())].clone(), v[:, :, : int(ctx.kv.filled[i].max())].clone())
-                            for i, (k, v) in enumerate(zip(ctx.kv.k, ctx.kv.v))] if keep_logits else None
+    filled = [int(ctx.kv.filled[i].max()) for i in range(len(ctx.kv.k))]
+    result["kv_replica"] = [(k[:, :, :n].cpu(), v[:, :, :n].cpu())
+                            for k, v, n in zip(ctx.kv.k, ctx.kv.v, filled)] if keep_logits else None
+    if keep_logits:
+        result["logits"] = [t.cpu() for t in result["logits"]]
     result["reports"] = [r.to_dict() for r in reports]
     from tokopt.runtime.distributed.program import alltoalls_per_layer
 
@@ -123,7 +134,7 @@ def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent
         if placement is not None:
             check_placement(placement, moe_layers, experts, ranks)
     args = (model, [list(map(int, p)) for p in prompts], strategy, placement, max_new_tokens, eos_token_id,
-            keep_logits)
+            keep_logits, backend)
     if in_torchrun():  # this process is one rank of a group torchrun started: run here, gather the counters
         if not dist.is_initialized():
             init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), backend=backend, timeout_s=timeout_s)
