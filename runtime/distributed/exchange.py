@@ -57,28 +57,34 @@ def unpack(rows: torch.Tensor, widths, kinds) -> list[torch.Tensor]:
 
 
 def alltoall_rows(rows_for: list[torch.Tensor], ctx, *, kind: str, layer: int, width: int,
-                  extra_counts: list[int] | None = None, tokens: int = 0):
+                  extra_counts: list[int] | None = None, tokens: int = 0, recv_counts: list[int] | None = None):
     """Send ``rows_for[r]`` to rank r; return ``(received per source rank, extra counts per source)``.
 
     ``extra_counts`` (one int per destination) ride along with the split sizes, so a flag can reach every
     rank without another collective. ``tokens``: how many distinct tokens leave this rank (for the counters).
+    ``recv_counts``: rows this rank will get from each rank, when it knows (a combine returns what a dispatch
+    sent): then the split sizes are not exchanged and only one collective runs.
     """
     world, rank = ctx.world, ctx.rank
     if world == 1:
         ctx.counters.add(layer, kind, 0, 0, collectives=0, tokens=0)
         return list(rows_for), list(extra_counts or [0])
-    counts = torch.tensor([[len(r), (extra_counts or [0] * world)[d]] for d, r in enumerate(rows_for)],
-                          dtype=torch.int64)
-    got_counts = torch.empty_like(counts)
-    dist.all_to_all_single(got_counts, counts, group=ctx.group)
+    if recv_counts is None:
+        counts = torch.tensor([[len(r), (extra_counts or [0] * world)[d]] for d, r in enumerate(rows_for)],
+                              dtype=torch.int64)
+        got_counts = torch.empty_like(counts)
+        dist.all_to_all_single(got_counts, counts, group=ctx.group)
+        recv_rows, extras = got_counts[:, 0].tolist(), got_counts[:, 1].tolist()
+    else:
+        recv_rows, extras = [int(c) for c in recv_counts], [0] * world
     send = torch.cat([r.reshape(-1, width) for r in rows_for]) if rows_for else torch.empty(0, width)
-    recv_rows = got_counts[:, 0].tolist()
     recv = torch.empty(sum(recv_rows), width, dtype=ROW_DTYPE)
     dist.all_to_all_single(recv, send.to(ROW_DTYPE).contiguous(), recv_rows, [len(r) for r in rows_for],
                            group=ctx.group)
     remote = sum(len(r) for d, r in enumerate(rows_for) if d != rank)
-    ctx.counters.add(layer, kind, remote, remote * width * 4, collectives=2, tokens=tokens)
-    return list(torch.split(recv, recv_rows)), got_counts[:, 1].tolist()
+    ctx.counters.add(layer, kind, remote, remote * width * 4, collectives=1 if recv_counts is not None else 2,
+                     tokens=tokens)
+    return list(torch.split(recv, recv_rows)), extras
 
 
 def allgather_rows(rows: torch.Tensor, ctx, *, kind: str, layer: int, width: int) -> list[torch.Tensor]:

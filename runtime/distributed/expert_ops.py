@@ -116,8 +116,10 @@ def combine(work: Work, ctx, *, layer: int, experts: LocalExperts) -> Tokens:
     tokens = work.resident
     d = work.out.shape[1]
     rows_for = [work.out[work.origin == r] for r in range(ctx.world)]
+    sent = work.meta["sent_order"]  # results come back for exactly the rows this rank dispatched
     got, _ = alltoall_rows(rows_for, ctx, kind="combine", layer=layer, width=d,
-                           tokens=int(sum(len(r) for i, r in enumerate(rows_for) if i != ctx.rank)))
+                           tokens=int(sum(len(r) for i, r in enumerate(rows_for) if i != ctx.rank)),
+                           recv_counts=[len(x) for x in sent])
     total = torch.zeros_like(tokens.hidden)
     where = _positions(tokens.idx)
     for r, rows in enumerate(got):  # back in the order this rank sent them
@@ -191,8 +193,12 @@ def merge(work: Work, ctx, *, layer: int, experts: LocalExperts) -> Tokens:
     if work.meta["any_split"]:
         helper_out, helper_ret, helper_idx = work.out[n:], work.origin[n:], work.idx[n:]
         rows_for = [pack(helper_idx[helper_ret == r], helper_out[helper_ret == r]) for r in range(ctx.world)]
+        # a resident token gets one partial result from every other rank hosting one of its experts
+        ranks = torch.div(tokens.experts, experts.count, rounding_mode="floor")
+        expect = [int(((ranks == r).any(dim=1)).sum()) if r != ctx.rank else 0 for r in range(ctx.world)]
         got, _ = alltoall_rows(rows_for, ctx, kind="partial", layer=layer, width=1 + d,
-                               tokens=int(sum(len(r) for i, r in enumerate(rows_for) if i != ctx.rank)))
+                               tokens=int(sum(len(r) for i, r in enumerate(rows_for) if i != ctx.rank)),
+                               recv_counts=expect)
         where = _positions(tokens.idx)
         for rows in got:
             if len(rows):
