@@ -39,5 +39,23 @@ def place(trace, gpus, **kwargs):
     return _place(trace, gpus, **kwargs)
 
 
-__all__ = ["load", "optimize", "OptimizeConfig", "SpeculativeConfig", "load_engine", "place", "TokoptError",
-           "__version__"]
+def ep_generate(model, prompts, *, ranks, strategy="context_coherent", placement=None, **kwargs):
+    """Greedy-decode ``prompts`` (lists of token ids) with an MoE model's experts sharded over ``ranks``
+    processes (gloo on CPU; under ``torchrun`` this process is one rank). ``strategy``: "context_coherent"
+    (one Alltoall per MoE layer, K/V on every rank) or "two_alltoall"; ``placement``: from ``tokopt.place``.
+    Returns an ``EPResult`` (``.tokens``, ``.reports``, ``.summary()``); see tokopt.runtime.distributed.run.
+
+    Example::
+
+        res = tokopt.ep_generate(model, [[1, 2, 3]], ranks=4, placement=tokopt.place(trace, gpus=4).assignment)
+        res.tokens, res.summary()["cross_fraction"]
+    """
+    from tokopt.runtime.distributed.run import ep_generate as _ep_generate
+
+    if placement is not None and hasattr(placement, "assignment"):
+        placement = placement.assignment
+    return _ep_generate(model, prompts, ranks=ranks, strategy=strategy, placement=placement, **kwargs)
+
+
+__all__ = ["load", "optimize", "OptimizeConfig", "SpeculativeConfig", "load_engine", "place", "ep_generate",
+           "TokoptError", "__version__"]
