@@ -1,0 +1,72 @@
+"""``tokopt trace``: record an MoE model's routing on real text, for ``tokopt place``.
+
+Example::
+
+    tokopt trace smollm2-moe --tokens 8000 -o routing.npz      # the bundled calibration text
+    tokopt trace ./my-mixtral --text corpus.txt -o routing.npz
+    tokopt place routing.npz --gpus 4 -o MAP.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tokopt.errors import TokoptError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("trace", help="record an MoE model's routing (experts per token per layer) on text",
+                       description="Run MODEL on TEXT (default: the calibration text bundled with tokopt) in chunks "
+                                   "and save the routing trace (.npz: experts and gate weights [tokens, layers, "
+                                   "top_k]) for `tokopt place`.")
+    p.add_argument("model", nargs="?", default="smollm2-moe", help="an MoE model name or local HF dir")
+    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to run (default: bundled calibration)")
+    p.add_argument("--tokens", type=int, default=8000, help="tokens to trace at most (default 8000)")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward (default 256)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.set_defaults(handler=run)
+
+
+def read_text(path) -> str:
+    if path is None:
+        from importlib import resources
+
+        return resources.files("tokopt").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    p = Path(path)
+    if not p.is_file():
+        raise TokoptError(f"--text {path}: no such file; give a UTF-8 text file")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def trace_text(model, tokenizer, text: str, *, tokens: int, chunk: int, progress: bool = True):
+    """The routing trace of ``model`` over the first ``tokens`` tokens of ``text``, run ``chunk`` at a time."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tokopt.moe.traces import concat_traces, record_trace
+
+    if tokens < 1 or chunk < 1:
+        raise TokoptError(f"--tokens and --chunk must be >= 1 (got {tokens}, {chunk})")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0, :tokens]
+    if len(ids) == 0:
+        raise TokoptError("the text has no tokens")
+    parts = []
+    for start in tqdm(range(0, len(ids), chunk), desc="tokopt: tracing routing", unit="chunk", disable=not progress):
+        with torch.no_grad():
+            parts.append(record_trace(model, [ids[start: start + chunk][None]]))
+    return concat_traces(parts)
+
+
+def run(args) -> int:
+    from tokopt.models import load
+    from tokopt.moe.traces import save_trace
+
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise TokoptError(f"{args.model} has no tokenizer files; tracing text needs one")
+    trace = trace_text(model, tokenizer, read_text(args.text), tokens=args.tokens, chunk=args.chunk)
+    path = save_trace(trace, args.output)
+    T, L, k = trace.experts.shape
+    print(f"wrote {path}: {T} tokens x {L} MoE layers x top-{k} of {trace.num_experts} experts", file=sys.stderr)
+    return 0
