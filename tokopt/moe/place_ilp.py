@@ -34,8 +34,10 @@ def _solver(time_limit: float, seed: int):
     available = pulp.listSolvers(onlyAvailable=True)
     if "PULP_CBC_CMD" in available:
         # cuts off: root cut rounds ignore timeLimit and, with an LP bound of 0, never pay off here
-        cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(round(time_limit))), warmStart=True, cuts=False,
-                                options=[f"randomSeed {seed + 1}"])
+        with warnings.catch_warnings():  # pulp 3.3: "PULP_CBC_CMD is deprecated" (fine until pulp 4)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(round(time_limit))), warmStart=True,
+                                    cuts=False, options=[f"randomSeed {seed + 1}"])
         return pulp, cbc, "PULP_CBC_CMD"
     if "HiGHS" in available or "HiGHS_CMD" in available:
         name = "HiGHS" if "HiGHS" in available else "HiGHS_CMD"
@@ -62,12 +64,64 @@ def _prune(C: np.ndarray, max_pairs: int) -> np.ndarray:
 
 
 def solve_ilp(C, gpus: int, capacity=None, *, load=None, balance=None, time_limit: float = 30.0, seed: int = 0,
-              max_pairs: int = 1500, start=None):
-    """``(x[L, E], info)``: the better of the heuristic start and CBC's best within ``time_limit`` seconds."""
-    with warnings.catch_warnings():  # pulp 3.3 announces its 4.0 API on every variable
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _solve_ilp(C, gpus, capacity, load=load, balance=balance, time_limit=time_limit, seed=seed,
-                          max_pairs=max_pairs, start=start)
+              max_pairs: int = 1000, start=None, hard_limit: float | None = None):
+    """``(x[L, E], info)``: the better of the heuristic start and CBC's best within ``time_limit`` seconds.
+
+    CBC checks its time limit only while branching; on big instances its root LP alone can run for minutes.
+    So the solve runs in a child process killed (with its CBC) after ``hard_limit`` seconds (default
+    2 x time_limit + 10); the heuristic start is returned then, with ``ilp_status`` "killed at hard limit".
+    """
+    import multiprocessing as mp
+    import os
+    import signal
+
+    C = np.asarray(C, dtype=np.float64)
+    E = C.shape[1]
+    capacity = np.full(gpus, E // gpus, dtype=np.int64) if capacity is None else np.asarray(capacity, np.int64)
+    _solver(time_limit, seed)  # fail here, in the caller, when no solver is installed
+    if start is None:
+        start = solve_heuristic(C, gpus, capacity, seed=seed)
+        if balance is not None and load is not None:
+            start = rebalance_load(C, start, load, gpus, balance)
+    hard_limit = 2 * time_limit + 10 if hard_limit is None else hard_limit
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    args = (C, gpus, capacity, load, balance, time_limit, seed, max_pairs, np.asarray(start))
+    child = ctx.Process(target=_child, args=(send, args), daemon=True)
+    child.start()
+    send.close()
+    result = recv.recv() if recv.poll(hard_limit) else None
+    if result is None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # the child and the CBC it started share its own group
+        except (ProcessLookupError, PermissionError):
+            pass
+    child.join(5)
+    recv.close()
+    if isinstance(result, BaseException):
+        raise result
+    if result is None:
+        total = max(C.sum(), 1e-300)
+        h_obj = 1 - kept(C, start) / total
+        return start, {"solver": "PULP_CBC_CMD", "ilp_status": f"killed at hard limit {hard_limit:g} s",
+                       "ilp_solution": "none", "heuristic_objective": h_obj, "ilp_objective": float("nan"),
+                       "ilp_improved": False, "time_limit_s": time_limit}
+    return result
+
+
+def _child(conn, args):
+    import os
+
+    os.setsid()
+    try:
+        with warnings.catch_warnings():  # pulp 3.3 announces its 4.0 API on every variable
+            warnings.simplefilter("ignore", DeprecationWarning)
+            out = _solve_ilp(*args[:3], load=args[3], balance=args[4], time_limit=args[5], seed=args[6],
+                             max_pairs=args[7], start=args[8])
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        out = exc
+    conn.send(out)
+    conn.close()
 
 
 def _solve_ilp(C, gpus, capacity, *, load, balance, time_limit, seed, max_pairs, start):
