@@ -134,3 +134,18 @@ def test_record_trace_rejects_dense_model():
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
     with pytest.raises(TokoptError, match="no MoE layers"):
         record_trace(model, [torch.zeros((1, 3), dtype=torch.long)])
+
+
+def test_record_trace_skips_dense_layers_and_masked_tokens():
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, vocab_size=128,
+                         mlp_only_layers=[1])
+    model = Qwen2MoeForCausalLM(cfg)
+    batch = {"input_ids": torch.randint(0, 128, (2, 4)), "attention_mask": torch.tensor([[0, 1, 1, 1], [1] * 4])}
+    trace = record_trace(model, [batch])
+    assert trace.moe_layers == [0, 2] and trace.experts.shape == (7, 2, 2) and trace.num_experts == 8
