@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,14 +25,17 @@ ROW_DTYPE = torch.float32
 
 @dataclass
 class Counters:
-    """Per-rank records ``{step, layer, kind, rows, bytes, collectives}`` (rows/bytes sent to other ranks)."""
+    """Per-rank records ``{step, layer, kind, rows, bytes, collectives, tokens, seconds}``: rows/bytes sent to
+    other ranks, distinct tokens leaving, and wall time in the collectives (waiting for other ranks included)."""
 
     records: list = field(default_factory=list)
     step: int = 0
 
-    def add(self, layer: int, kind: str, rows: int, nbytes: int, collectives: int, tokens: int = 0) -> None:
+    def add(self, layer: int, kind: str, rows: int, nbytes: int, collectives: int, tokens: int = 0,
+            seconds: float = 0.0) -> None:
         self.records.append({"step": self.step, "layer": layer, "kind": kind, "rows": int(rows),
-                             "bytes": int(nbytes), "collectives": int(collectives), "tokens": int(tokens)})
+                             "bytes": int(nbytes), "collectives": int(collectives), "tokens": int(tokens),
+                             "seconds": seconds})
 
 
 def pack(*cols) -> torch.Tensor:
@@ -69,6 +73,7 @@ def alltoall_rows(rows_for: list[torch.Tensor], ctx, *, kind: str, layer: int, w
     if world == 1:
         ctx.counters.add(layer, kind, 0, 0, collectives=0, tokens=0)
         return list(rows_for), list(extra_counts or [0])
+    start = time.perf_counter()
     if recv_counts is None:
         counts = torch.tensor([[len(r), (extra_counts or [0] * world)[d]] for d, r in enumerate(rows_for)],
                               dtype=torch.int64)
@@ -83,7 +88,7 @@ def alltoall_rows(rows_for: list[torch.Tensor], ctx, *, kind: str, layer: int, w
                            group=ctx.group)
     remote = sum(len(r) for d, r in enumerate(rows_for) if d != rank)
     ctx.counters.add(layer, kind, remote, remote * width * 4, collectives=1 if recv_counts is not None else 2,
-                     tokens=tokens)
+                     tokens=tokens, seconds=time.perf_counter() - start)
     return list(torch.split(recv, recv_rows)), extras
 
 
@@ -91,6 +96,7 @@ def allgather_rows(rows: torch.Tensor, ctx, *, kind: str, layer: int, width: int
     """Every rank's ``rows`` (``[m_r, width]``), on every rank, in rank order."""
     if ctx.world == 1:
         return [rows]
+    start = time.perf_counter()
     n = torch.tensor([rows.shape[0]], dtype=torch.int64)
     sizes = [torch.empty_like(n) for _ in range(ctx.world)]
     dist.all_gather(sizes, n, group=ctx.group)
@@ -101,5 +107,5 @@ def allgather_rows(rows: torch.Tensor, ctx, *, kind: str, layer: int, width: int
     parts = [torch.empty(top, width, dtype=ROW_DTYPE) for _ in range(ctx.world)]
     dist.all_gather(parts, padded, group=ctx.group)
     sent = rows.shape[0] * (ctx.world - 1)  # every row reaches the N-1 other ranks
-    ctx.counters.add(layer, kind, sent, sent * width * 4, collectives=2)
+    ctx.counters.add(layer, kind, sent, sent * width * 4, collectives=2, seconds=time.perf_counter() - start)
     return [p[:s] for p, s in zip(parts, sizes)]

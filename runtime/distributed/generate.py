@@ -2,7 +2,7 @@
 
 Every rank runs the same loop: a prefill step over all prompt tokens, then one decode step per new token;
 each step starts with every sequence's new tokens at its home rank, and ends with every rank holding the
-logits of every sequence (so all ranks pick the same next tokens without another exchange).
+greedy choice of every sequence (so all ranks agree on the next tokens without another exchange).
 
 Example::
 
@@ -44,11 +44,13 @@ def prefill_tokens(prompts, ctx: StepContext) -> tuple[Tokens, list[int]]:
 
 
 def run_step(gm, tokens: Tokens, ctx: StepContext, decode: bool):
+    """One forward of the step program; returns, in step order, token indices, greedy choices and logits
+    (``None`` unless ``ctx.keep_logits``)."""
     ctx.decode = decode
-    idx, logits = gm(tokens, ctx)
+    out = gm(tokens, ctx)
     sync_pending_kv(None, ctx)
     ctx.counters.step += 1
-    return idx, logits
+    return out
 
 
 def generate_on_rank(gm, prompts, ctx: StepContext, *, max_new_tokens: int, eos_token_id=None,
@@ -56,25 +58,26 @@ def generate_on_rank(gm, prompts, ctx: StepContext, *, max_new_tokens: int, eos_
     """Greedy-decode every prompt (lists of token ids); return new tokens per sequence, step times, and
     (``keep_logits``) the logits that chose each token, ``[new, vocab]`` per sequence."""
     lengths = [len(p) for p in prompts]
+    ctx.keep_logits = keep_logits
     out = [[] for _ in prompts]
     kept = [[] for _ in prompts]
     done = [False] * len(prompts)
     times = []
     start = time.perf_counter()
     tokens, last_rows = prefill_tokens(prompts, ctx)
-    idx, logits = run_step(gm, tokens, ctx, decode=False)
+    idx, choice, logits = run_step(gm, tokens, ctx, decode=False)
     times.append(time.perf_counter() - start)
     rows = {int(i): r for r, i in enumerate(idx)}
-    step_logits = [logits[rows[last_rows[s]]] for s in range(len(prompts))]
+    step_rows = [rows[last_rows[s]] for s in range(len(prompts))]
     for _ in range(max_new_tokens):
         active = []
-        for s, row in enumerate(step_logits):
+        for s, row in enumerate(step_rows):
             if done[s] or row is None:
                 continue
-            token = int(row.argmax())
+            token = int(choice[row])
             out[s].append(token)
             if keep_logits:
-                kept[s].append(row)
+                kept[s].append(logits[row])
             if (eos_token_id is not None and token == eos_token_id) or len(out[s]) >= max_new_tokens:
                 done[s] = True
             else:
@@ -84,11 +87,11 @@ def generate_on_rank(gm, prompts, ctx: StepContext, *, max_new_tokens: int, eos_
         start = time.perf_counter()
         tokens = step_tokens(active, [lengths[s] + len(out[s]) - 1 for s in active], [out[s][-1] for s in active],
                              [True] * len(active), ctx)
-        idx, logits = run_step(gm, tokens, ctx, decode=True)
+        idx, choice, logits = run_step(gm, tokens, ctx, decode=True)
         times.append(time.perf_counter() - start)
-        step_logits = [None] * len(prompts)
+        step_rows = [None] * len(prompts)
         for r, i in enumerate(idx.tolist()):
-            step_logits[active[i]] = logits[r]
+            step_rows[active[i]] = r
     result = {"tokens": out, "step_s": times}
     if keep_logits:
         result["logits"] = [torch.stack(k) if k else torch.empty(0) for k in kept]

@@ -3,7 +3,7 @@
 ``capture_program(model)`` builds, for a supported HF MoE (or dense) causal LM, a ``torch.fx.GraphModule``
 whose nodes are the phases of one step over a set of tokens::
 
-    tokens, ctx -> embed -> attn_0 -> moe_0 -> attn_1 -> moe_1 -> ... -> head -> (idx, logits)
+    tokens, ctx -> embed -> attn_0 -> moe_0 -> attn_1 -> moe_1 -> ... -> head -> (idx, next ids, logits)
 
 Each op takes the resident ``Tokens`` and the rank's ``StepContext`` (rank, process group, KV cache, counters).
 Unrewritten, the program runs on one process and equals the HF model (the MoE op is the HF block itself).
@@ -14,8 +14,8 @@ context-coherent attention); collectives appear as ``call_function`` nodes, so t
 Example::
 
     gm = capture_program(model)
-    ctx = StepContext.single(gm)
-    idx, logits = gm(tokens_of_prompts(ids_list, gm, ctx), ctx)
+    ctx = StepContext.single(gm, num_seqs=2)
+    idx, next_ids, _ = gm(step_tokens(...), ctx)      # see runtime/distributed/generate.py
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class StepContext:
     counters: Counters = field(default_factory=Counters)
     decode: bool = False  # every sequence has exactly one new token in this step
     coherent: bool = False  # every rank keeps every sequence's K/V (context-coherent program)
+    keep_logits: bool = False  # every rank gets whole logits rows (tests), not only the chosen token ids
     pending_kv: list = field(default_factory=list)  # (layer, seq, pos, k, v) to sync at the end of a decode step
     routes: list = field(default_factory=list)  # (step, layer, idx, experts (model numbering), rank) per MoE layer
 
@@ -227,7 +228,8 @@ class MoE(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm and LM head for the tokens that want logits; every rank gets all of them, by ``idx``."""
+    """Final norm and LM head for the tokens that want logits, and the greedy choice. Every rank gets every
+    choice, by ``idx``: only (idx, token id) travel, or the whole logits rows when ``ctx.keep_logits``."""
 
     def __init__(self, graph: DecoderGraph):
         super().__init__()
@@ -237,15 +239,17 @@ class Head(nn.Module):
     def forward(self, tokens: Tokens, ctx: StepContext):
         want = tokens.wants_logits.nonzero().squeeze(1)
         logits = self.lm_head(self.norm(tokens.hidden[want]))
-        idx = tokens.idx[want]
+        idx, choice = tokens.idx[want], logits.argmax(-1)
         if ctx.world > 1:
-            vocab = logits.shape[-1]
-            parts = allgather_rows(pack(idx, logits), ctx, kind="logits", layer=-1, width=1 + vocab)
-            got = [unpack(p, (1, vocab), "if") for p in parts]
+            vocab = logits.shape[-1] if ctx.keep_logits else 0
+            cols = (idx, choice, logits) if ctx.keep_logits else (idx, choice)
+            parts = allgather_rows(pack(*cols), ctx, kind="logits", layer=-1, width=2 + vocab)
+            got = [unpack(p, (1, 1, vocab), "iif") for p in parts]
             idx = torch.cat([g[0][:, 0] for g in got])
-            logits = torch.cat([g[1] for g in got])
+            choice = torch.cat([g[1][:, 0] for g in got])
+            logits = torch.cat([g[2] for g in got])
         order = idx.argsort()
-        return idx[order], logits[order]
+        return idx[order], choice[order], (logits[order] if ctx.keep_logits else None)
 
 
 def capture_program(model) -> fx.GraphModule:

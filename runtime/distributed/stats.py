@@ -27,6 +27,10 @@ def summarize(result) -> dict:
                 collectives[rec["kind"]] += rec["collectives"]
                 steps = max(steps, rec["step"] + 1)
     moe_layers = ranks[0]["moe_layers"]
+    decode_steps = max(steps - 1, 1)
+    decode_comm = [sum(rec.get("seconds", 0.0) for rec in res["counters"] if rec["step"] >= 1) / decode_steps
+                   for res in ranks]
+    decode_bytes = [sum(rec["bytes"] for rec in res["counters"] if rec["step"] >= 1) / decode_steps for res in ranks]
     per_layer = {}
     for layer in moe_layers:
         row = {}
@@ -53,6 +57,8 @@ def summarize(result) -> dict:
         "kv_sync_bytes": kv,
         "kv_bytes_per_rank": [res["kv_bytes"] for res in ranks],
         "cross_fraction": moved / max(routed, 1),
+        "decode_comm_s_per_step": decode_comm,  # per rank: wall time inside collectives per decode step
+        "decode_bytes_per_step": decode_bytes,  # per rank: bytes sent to other ranks per decode step
         "step_s": [float(np.median(res["step_s"][1:])) if len(res["step_s"]) > 1 else float(res["step_s"][0])
                    for res in ranks],
     }
