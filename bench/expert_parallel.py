@@ -5,7 +5,7 @@ interleaved in each repeat, and reports per configuration: median decode step (s
 measured cross-rank fraction and bytes per step, next to the alpha-beta cost model's prediction for this machine
 (communication predicted, compute taken from the single-process step measured in the same run), and the same
 model's PROJECTION for an 8-GPU NVLink node. The affinity placement is fitted on routing recorded from the
-calibration text, not from the questions.
+text shipped with tokopt (``tokopt trace``'s default), which includes the questions' own text.
 
     .venv/bin/python bench/expert_parallel.py [--model smollm2-moe] [--ranks 4] [--batch 8] [--new 16] [--repeats 2]
 """
@@ -44,13 +44,9 @@ def single_process_step(model, prompts, new):
 
 def affinity_placement(model, tokenizer, ranks):
     import tokopt
-    from tokopt.moe.traces import record_trace
+    from tokopt.moe.cli_trace import read_text, trace_text
 
-    text = resources.files("tokopt").joinpath("data/calibration.txt").read_text()
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :2048]
-    batches = [ids[:, i: i + 256] for i in range(0, ids.shape[1], 256)]
-    with torch.no_grad():
-        trace = record_trace(model, batches)
+    trace = trace_text(model, tokenizer, read_text(None), tokens=8000, chunk=256)
     start = time.perf_counter()
     placement = tokopt.place(trace, gpus=ranks)
     return placement, trace, time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 Example::
 
-    tokopt trace smollm2-moe --tokens 8000 -o routing.npz      # the bundled calibration text
+    tokopt trace smollm2-moe -o routing.npz                     # the text shipped with tokopt
     tokopt trace ./my-mixtral --text corpus.txt -o routing.npz
     tokopt place routing.npz --gpus 4 -o MAP.json
 """
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                                    "and save the routing trace (.npz: experts and gate weights [tokens, layers, "
                                    "top_k]) for `tokopt place`.")
     p.add_argument("model", nargs="?", default="smollm2-moe", help="an MoE model name or local HF dir")
-    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to run (default: bundled calibration)")
+    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to run (default: the ~4,000 tokens of text shipped with tokopt)")
     p.add_argument("--tokens", type=int, default=8000, help="tokens to trace at most (default 8000)")
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward (default 256)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
@@ -29,10 +29,10 @@ def add_parser(sub) -> None:
 
 
 def read_text(path) -> str:
-    if path is None:
-        from importlib import resources
+    if path is None:  # the text shipped with tokopt (about 4,000 tokens: calibration text + sample questions)
+        from tokopt.moe.moefy import default_texts
 
-        return resources.files("tokopt").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+        return "\n\n".join(default_texts())
     p = Path(path)
     if not p.is_file():
         raise TokoptError(f"--text {path}: no such file; give a UTF-8 text file")

@@ -555,8 +555,11 @@ def compute_time(shape: MoEShape, topo: Topology, *, tokens: int, sequences: int
 def step_time(shape: MoEShape, topology: Topology, strategy: str, *, tokens: int, cross_fraction: float,
               split_fraction: float = 0.0, phase: str = "decode", compute_s: float | None = None,
               context: int = 1024, sequences: int | None = None, inter_node_fraction: float | None = None,
-              imbalance: float = 1.0, gather_logits: bool = False, partial_collectives: int = 2) -> StepEstimate:
+              imbalance: float = 1.0, gather_logits: bool = False, partial_collectives: int = 1) -> StepEstimate:
     """Predicted time of one step of ``tokens`` tokens (all ranks together) under ``strategy``.
+
+    ``partial_collectives``: 1 (tokopt's runtime: copies for secondary experts ride the moving Alltoall, partial
+    sums come back in one more) or 2 (a separate exchange out and back).
 
     ``cross_fraction`` f: fraction of tokens whose destination rank at a MoE layer differs from the rank they
     are on (``two_alltoall``: their home; ``context_coherent``: where the previous layer left them; the

@@ -45,11 +45,15 @@ def load_shape(model_or_config) -> MoEShape:
     name = str(model_or_config)
     if name.lower() in BUILTIN_SHAPES:
         return MoEShape.preset(name.lower())
-    path = Path(name)
+    from tokopt.models import ALIASES, KNOWN_MODELS, ensure_converted
+
+    known = ALIASES.get(name, name)
+    path = ensure_converted(known) if known in KNOWN_MODELS else Path(name)  # tokopt's own models, by name
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise TokoptError(f"{name!r} is neither a built-in shape ({', '.join(BUILTIN_SHAPES)}) nor a config.json "
+        raise TokoptError(f"{name!r} is neither a built-in shape ({', '.join(BUILTIN_SHAPES)}), a known model "
+                          f"({', '.join(KNOWN_MODELS)}) nor a config.json "
                           "or a local HF model directory")
     try:
         config = json.loads(path.read_text())
