@@ -5,7 +5,7 @@ interleaved in each repeat, and reports per configuration: median decode step (s
 measured cross-rank fraction and bytes per step, next to the alpha-beta cost model's prediction for this machine
 (communication predicted, compute taken from the single-process step measured in the same run), and the same
 model's PROJECTION for an 8-GPU NVLink node. The affinity placement is fitted on routing recorded from the
-text shipped with tokopt (``tokopt trace``'s default), which includes the questions' own text.
+text shipped with tokopt (``tokopt trace``'s default) minus the benchmark's own questions.
 
     .venv/bin/python bench/expert_parallel.py [--model smollm2-moe] [--ranks 4] [--batch 8] [--new 16] [--repeats 2]
 """
@@ -42,11 +42,14 @@ def single_process_step(model, prompts, new):
     return statistics.median(out["step_s"][1:]), out["step_s"][0], out["tokens"]
 
 
-def affinity_placement(model, tokenizer, ranks):
+def affinity_placement(model, tokenizer, ranks, n_bench):
     import tokopt
-    from tokopt.moe.cli_trace import read_text, trace_text
+    from tokopt.moe.cli_trace import trace_text
+    from tokopt.moe.moefy import default_texts
 
-    trace = trace_text(model, tokenizer, read_text(None), tokens=8000, chunk=256)
+    held_out = set(questions(n_bench))  # the benchmark's own prompts stay out of the profile
+    text = "\n\n".join(t for t in default_texts() if t not in held_out)
+    trace = trace_text(model, tokenizer, text, tokens=8000, chunk=256)
     start = time.perf_counter()
     placement = tokopt.place(trace, gpus=ranks)
     return placement, trace, time.perf_counter() - start
@@ -77,7 +80,7 @@ def main(argv=None):
     print(f"[1/4] single-process reference, {len(prompts)} prompts x {args.new} tokens", file=sys.stderr)
     single_decode, single_prefill, ref_tokens = single_process_step(model, prompts, args.new)
     print(f"[2/4] routing trace on the calibration text + placement for {args.ranks} ranks", file=sys.stderr)
-    placement, trace, solve_s = affinity_placement(model, tokenizer, args.ranks)
+    placement, trace, solve_s = affinity_placement(model, tokenizer, args.ranks, args.batch)
     layers, experts = placement.assignment.shape
     placements = {"contiguous": contiguous_placement(layers, experts, args.ranks), "affinity": placement.assignment}
     configs = [(s, p) for s in ("two_alltoall", "context_coherent") for p in placements]

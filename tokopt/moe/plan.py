@@ -227,9 +227,14 @@ def plan(model_or_config, topology="nvlink8", *, trace=None, placement=None, bat
         from tokopt.moe.placement import as_trace
 
         trace = as_trace(trace)
-        if (trace.num_experts, trace.top_k) != (shape.experts, shape.top_k):
-            notes.append(f"The trace routes {trace.num_experts} experts top-{trace.top_k}, not {shape.name}'s "
-                         f"{shape.experts} top-{shape.top_k}: its cross/split fractions are applied as measured.")
+        layers = len(shape.moe_layers)
+        if (trace.experts.shape[1], trace.num_experts) != (layers, shape.experts):
+            raise TokoptError(f"the trace has {trace.experts.shape[1]} MoE layers x {trace.num_experts} experts, but "
+                              f"{shape.name} has {layers} x {shape.experts}: record one from this model "
+                              "(`tokopt trace MODEL -o T.npz`), or plan without --trace")
+        if trace.top_k != shape.top_k:
+            notes.append(f"The trace routes top-{trace.top_k}, not {shape.name}'s top-{shape.top_k}: its "
+                         "cross/split fractions are applied as measured.")
         for name, per in _fractions_from_trace(trace, shape, topo, placement).items():
             scenarios[name] = {s: (f["cross"], f["split"], f.get("inter_node")) for s, f in per.items()}
     else:

@@ -97,3 +97,9 @@ def test_cli_plan_config_json_and_dense(tmp_path, capsys):
     (tmp_path / "dense.json").write_text(LlamaConfig().to_json_string())
     assert main(["plan", str(tmp_path / "dense.json")]) == 2
     assert "not a supported MoE model" in capsys.readouterr().err
+
+
+def test_trace_of_another_model_refused():
+    experts = (np.arange(48) % 8).reshape(16, 3, 1)  # 3 MoE layers of 8 experts; the shape has 4
+    with pytest.raises(TokoptError, match=r"3 MoE layers x 8 experts.*has 4 x 8"):
+        plan(shape(), slow_link(4), trace=experts)
