@@ -8,6 +8,7 @@ model's PROJECTION for an 8-GPU NVLink node. The affinity placement is fitted on
 text shipped with tokopt (``tokopt trace``'s default) minus the benchmark's own questions.
 
     .venv/bin/python bench/expert_parallel.py [--model smollm2-moe] [--ranks 4] [--batch 8] [--new 16] [--repeats 2]
+    .venv/bin/python bench/expert_parallel.py --top-k 1 --out bench/expert_parallel_top1   # same routers, top-1
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ def affinity_placement(model, tokenizer, ranks, n_bench):
     return placement, trace, time.perf_counter() - start
 
 
+def with_top_k(model, k: int):
+    """A copy of an MoEfied model routing each token to its top ``k`` experts instead (experts rescaled so a
+    token still gets the sum of its experts at equal weights, as moefy builds them)."""
+    import copy
+
+    old = model.config.num_experts_per_tok
+    model = copy.deepcopy(model)
+    model.config.num_experts_per_tok = k
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = k
+        layer.mlp.top_k = k
+        with torch.no_grad():
+            layer.mlp.experts.down_proj.mul_(k / old)
+    return model
+
+
 def main(argv=None):
     import tokopt
     from tokopt.moe.cost_model import MoEShape, Topology, step_time
@@ -71,10 +88,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=None, help="route to this many experts instead (e.g. 1)")
     ap.add_argument("--out", default=str(HERE / "expert_parallel"))
     args = ap.parse_args(argv)
 
     model, tokenizer = tokopt.load(args.model)
+    if args.top_k:
+        model = with_top_k(model, args.top_k)
     ids, mask = encode_prompts(tokenizer, questions(args.batch))
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     print(f"[1/4] single-process reference, {len(prompts)} prompts x {args.new} tokens", file=sys.stderr)
@@ -141,7 +161,8 @@ def main(argv=None):
                      "predicted_step_ms": predicted.total_s * 1000, "predicted_comm_ms": predicted.comm_s * 1000,
                      "projected_nvlink8_step_us": projected.total_s * 1e6,
                      "projected_nvlink8_comm_us": projected.comm_s * 1e6})
-    result = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "model": args.model,
+    name = args.model + (f" (top-{args.top_k})" if args.top_k else "")
+    result = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "model": name,
               "ranks": args.ranks, "batch": len(prompts), "new_tokens": args.new, "repeats": args.repeats,
               "single_process_decode_step_ms": single_decode * 1000, "placement_solve_s": solve_s,
               "placement_expected_cross_on_calibration": placement.objective, "rows": rows,

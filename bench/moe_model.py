@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 import tokopt
+from tokopt.moe.affinity import mi_bits
 from tokopt.moe.moefy import default_texts, moefy
+from tokopt.moe.traces import record_trace
 
 CORPUS = Path("/work/shared/data/corpus")
 SLICES = (("jargon.txt", 200_000), ("kjv_bible.txt", 1_000_000), ("python311_docs.rst.txt", 3_000_000))
@@ -59,25 +61,7 @@ def greedy(model, tokenizer, n: int = 12) -> str:
 @torch.no_grad()
 def routing_trace(model, rows: torch.Tensor) -> np.ndarray:
     """Top-k experts of every token at every layer: [tokens, layers, top_k]."""
-    per_layer: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: per_layer[i].append(out[2]))
-             for i, layer in enumerate(model.model.layers)]
-    try:
-        for row in rows:
-            model.model(row[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack([torch.cat(chunks) for chunks in per_layer], dim=1).numpy()
-
-
-def mutual_information(a: np.ndarray, b: np.ndarray, num: int) -> float:
-    joint = np.zeros((num, num))
-    np.add.at(joint, (a, b), 1)
-    joint /= joint.sum()
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])).sum())
+    return record_trace(model, [row[None] for row in rows]).experts
 
 
 def routing_stats(trace: np.ndarray, num_experts: int, seed: int = 0) -> dict:
@@ -86,8 +70,8 @@ def routing_stats(trace: np.ndarray, num_experts: int, seed: int = 0) -> dict:
     max_over_mean = [float(c.max() / c.mean()) for c in load]
     rng = np.random.default_rng(seed)
     top1 = trace[:, :, 0]
-    mi = [mutual_information(top1[:, l], top1[:, l + 1], num_experts) for l in range(layers - 1)]
-    mi_shuffled = [mutual_information(top1[:, l], rng.permutation(top1[:, l + 1]), num_experts)
+    mi = [mi_bits(top1[:, l], top1[:, l + 1], num_experts) for l in range(layers - 1)]
+    mi_shuffled = [mi_bits(top1[:, l], rng.permutation(top1[:, l + 1]), num_experts)
                    for l in range(layers - 1)]
     shares = [np.bincount(top1[:, l], minlength=num_experts) / tokens for l in range(layers)]
     entropy = [float(-(p[p > 0] * np.log2(p[p > 0])).sum()) for p in shares]

@@ -37,9 +37,12 @@ def expert_parallel(gm: torch.fx.GraphModule):
     ep = gm.meta.get("ep")
     if ep is None:
         return gm, PassReport(NAME, why_not=NOT_EP)
+    if not ep["moe_layers"]:
+        raise TokoptError(f"the model ({ep.get('model_type')}) has no Mixture-of-Experts layers: expert_parallel "
+                          "shards experts and needs an MoE model (mixtral, qwen2_moe, qwen3_moe, olmoe)")
     nodes = moe_nodes(gm)
     if not nodes:
-        return gm, PassReport(NAME, why_not="no unsharded MoE layer left (already sharded?)")
+        return gm, PassReport(NAME, why_not="no unsharded MoE layer left (already sharded)")
     world, rank = int(ep.get("world", 1)), int(ep.get("rank", 0))
     for node in nodes:
         moe = gm.get_submodule(node.target)

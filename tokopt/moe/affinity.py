@@ -87,7 +87,8 @@ def expert_load(trace, top1: bool = False) -> np.ndarray:
     return load
 
 
-def _mi_bits(a: np.ndarray, b: np.ndarray, E: int) -> float:
+def mi_bits(a: np.ndarray, b: np.ndarray, E: int) -> float:
+    """Mutual information (bits) between two arrays of expert ids in ``0..E-1``."""
     joint = np.zeros((E, E))
     np.add.at(joint, (a, b), 1.0)
     joint /= joint.sum()
@@ -106,8 +107,8 @@ def mutual_information(trace, seed: int = 0) -> dict:
     t1 = trace.top1
     mi, sh = [], []
     for l in range(trace.num_layers - 1):
-        mi.append(_mi_bits(t1[:, l], t1[:, l + 1], trace.num_experts))
-        sh.append(_mi_bits(t1[:, l], rng.permutation(t1[:, l + 1]), trace.num_experts))
+        mi.append(mi_bits(t1[:, l], t1[:, l + 1], trace.num_experts))
+        sh.append(mi_bits(t1[:, l], rng.permutation(t1[:, l + 1]), trace.num_experts))
     return {"mi_bits": mi, "shuffled_bits": sh, "excess_bits": [a - b for a, b in zip(mi, sh)]}
 
 

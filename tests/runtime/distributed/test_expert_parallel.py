@@ -151,6 +151,16 @@ def test_dense_model_refused(tiny_model):
         ep_generate(tiny_model("llama"), PROMPTS, ranks=2)
 
 
+def test_dense_program_refused_by_the_pass(tiny_model):
+    from tokopt.pass_manager import run_passes
+
+    gm = capture_program(tiny_model("qwen3"))
+    gm.meta["ep"].update(world=2, rank=0)
+    gm.meta["tokopt"] = {"history": [], "output_names": []}
+    with pytest.raises(TokoptError, match="qwen3.*no Mixture-of-Experts layers"):
+        run_passes(gm, ["expert_parallel"])
+
+
 def test_experts_not_divisible_by_ranks(tiny_model):
     model = moe_model(tiny_model, 6)
     with pytest.raises(TokoptError, match="do not divide over 4 ranks"):

@@ -1,7 +1,5 @@
 """Expert placement: planted optima, baselines, capacities, multi-node, replicas, ILP, bad input, real data."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +11,6 @@ from tokopt.moe.placement import (Placement, contiguous_placement, cross_fractio
                                   random_placement)
 from tokopt.moe.replicas import eplb_layer, replica_counts
 from tokopt.moe.traces import RoutingTrace, load_trace
-
-
-def flame_dir(sub: str = "prefill") -> Path:
-    """The real FLAME-MoE traces in the shared data folder; skip the test when they are absent."""
-    env = os.environ.get("TOKOPT_SHARED")
-    shared = Path(env) if env else Path(__file__).resolve().parents[4] / "shared"
-    path = shared / "data" / "moe_traces" / "flame_moe_290m" / sub
-    if not path.exists():
-        pytest.skip(f"real routing traces not found at {path}")
-    return path
 
 
 def planted_trace(L=4, E=8, G=2, tokens=400, seed=0):
@@ -176,7 +164,7 @@ def test_synthetic_32x64x8_is_fast():
     assert all(np.bincount(row, minlength=8).tolist() == [8] * 8 for row in x)
 
 
-def test_real_flame_heuristic_beats_contiguous():
+def test_real_flame_heuristic_beats_contiguous(flame_dir):
     t = load_trace(flame_dir("prefill"))
     train, test = t.subset(slice(0, 1024)), t.subset(slice(1024, None))
     contiguous = cross_fraction(contiguous_placement(8, 64, 4), test)

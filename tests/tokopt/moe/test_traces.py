@@ -1,23 +1,11 @@
 """Routing traces: loading every accepted format, rejecting bad input, recording from a HF MoE model."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tokopt.errors import TokoptError
 from tokopt.moe.traces import RoutingTrace, load_trace, record_trace, save_trace
-
-
-def flame_dir(sub: str = "prefill") -> Path:
-    """The real FLAME-MoE traces in the shared data folder; skip the test when they are absent."""
-    env = os.environ.get("TOKOPT_SHARED")
-    shared = Path(env) if env else Path(__file__).resolve().parents[4] / "shared"
-    path = shared / "data" / "moe_traces" / "flame_moe_290m" / sub
-    if not path.exists():
-        pytest.skip(f"real routing traces not found at {path}")
-    return path
 
 
 def _write_layer_csv(path, layer, token_ids, gates):
@@ -98,7 +86,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
         load_trace(d)
 
 
-def test_flame_prefill_and_firstpos():
+def test_flame_prefill_and_firstpos(flame_dir):
     t = load_trace(flame_dir("prefill"))
     assert t.experts.shape == (2048, 8, 6) and t.num_experts == 64 and t.moe_layers == list(range(2, 10))
     assert np.all(np.diff(t.weights, axis=2) <= 0)
