@@ -87,13 +87,14 @@ class LocalExperts(nn.Module):
         return torch.sigmoid(self.shared_expert_gate(normed)) * self.shared_expert(normed)
 
 
-def _rank_of(experts, ctx, per_rank: int):
+def _rank_of(experts, per_rank: int):
+    """The rank hosting each expert id (ranks own contiguous blocks of ``per_rank`` experts)."""
     return torch.div(experts, per_rank, rounding_mode="floor")
 
 
 def dispatch(tokens: Tokens, ctx, *, layer: int, per_rank: int) -> Work:
     """Two-Alltoall dispatch: each token's normed state goes once to every rank hosting one of its experts."""
-    ranks = _rank_of(tokens.experts, ctx, per_rank)
+    ranks = _rank_of(tokens.experts, per_rank)
     k = tokens.experts.shape[1]
     d = tokens.normed.shape[1]
     rows_for = []
@@ -132,7 +133,7 @@ def combine(work: Work, ctx, *, layer: int, experts: LocalExperts) -> Tokens:
 def migrate(tokens: Tokens, ctx, *, layer: int, per_rank: int, norm) -> Work:
     """Context-coherent dispatch, the layer's one Alltoall: tokens move to their primary expert's rank (or stay
     if this rank hosts any of their experts); ranks hosting their other experts get a copy to compute."""
-    ranks = _rank_of(tokens.experts, ctx, per_rank)
+    ranks = _rank_of(tokens.experts, per_rank)
     here = (ranks == ctx.rank).any(dim=1)
     primary = torch.where(here, torch.full_like(ranks[:, 0], ctx.rank), ranks[:, 0])
     k, d = tokens.experts.shape[1], tokens.hidden.shape[1]
@@ -180,7 +181,7 @@ def migrate(tokens: Tokens, ctx, *, layer: int, per_rank: int, norm) -> Work:
                 weights=torch.cat([resident.weights, helper_rows[2]]),
                 origin=torch.cat([torch.full((n,), ctx.rank, dtype=torch.int64), helper_rows[3]]),
                 idx=torch.cat([resident.idx, helper_rows[4]]), resident=resident)
-    work.meta["any_split"] = any(flags) if ctx.world > 1 else False
+    work.meta["any_split"] = any(flags)  # some rank has a token whose experts span ranks
     return work
 
 
@@ -194,7 +195,7 @@ def merge(work: Work, ctx, *, layer: int, experts: LocalExperts) -> Tokens:
         helper_out, helper_ret, helper_idx = work.out[n:], work.origin[n:], work.idx[n:]
         rows_for = [pack(helper_idx[helper_ret == r], helper_out[helper_ret == r]) for r in range(ctx.world)]
         # a resident token gets one partial result from every other rank hosting one of its experts
-        ranks = torch.div(tokens.experts, experts.count, rounding_mode="floor")
+        ranks = _rank_of(tokens.experts, experts.count)
         expect = [int(((ranks == r).any(dim=1)).sum()) if r != ctx.rank else 0 for r in range(ctx.world)]
         got, _ = alltoall_rows(rows_for, ctx, kind="partial", layer=layer, width=1 + d,
                                tokens=int(sum(len(r) for i, r in enumerate(rows_for) if i != ctx.rank)),

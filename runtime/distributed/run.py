@@ -49,6 +49,17 @@ def build_rank_program(model, rank: int, world: int, strategy: str, placement=No
     return run_passes(gm, strategy_passes(strategy, placement))
 
 
+def drop_full_experts(model) -> None:
+    """Free the unsharded expert weights of this rank's model copy: after the passes, each rank computes with
+    its own shard (copied out), so keeping all experts would forfeit expert parallelism's memory saving."""
+    from tokopt.runtime.distributed.program import is_moe_block
+
+    for layer in model.model.layers:
+        if is_moe_block(layer.mlp):
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(layer.mlp.experts, name).data = torch.empty(0)
+
+
 def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, eos_token_id, keep_logits,
               backend="gloo"):
     """One rank's whole run (the process group is already initialised); returns its results and counters.
@@ -57,6 +68,7 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
     from tokopt.runtime.distributed.generate import generate_on_rank
     from tokopt.runtime.distributed.program import StepContext
 
+    own_copy = isinstance(model, str) or not in_torchrun()  # loaded here, or a forked/spawned rank's copy
     if isinstance(model, str):
         model = load(model, progress=rank == 0)[0]
     if backend == "nccl":
@@ -65,6 +77,8 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
         torch.set_default_device(device)  # every buffer the runtime makes lives on this rank's GPU
         model = model.to(device)
     gm, reports = build_rank_program(model, rank, world, strategy, placement)
+    if own_copy:
+        drop_full_experts(model)
     group = dist.group.WORLD if world > 1 else None
     ctx = StepContext.single(gm, len(prompts), rank=rank, world=world, group=group)
     with torch.no_grad():
