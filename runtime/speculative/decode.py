@@ -163,7 +163,11 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
     for b in range(batch):
         new[b, : len(rows.tokens[b])] = torch.tensor(rows.tokens[b], dtype=torch.long)
         for name, values in rows.taps[b].items():
-            taps.setdefault(name, torch.full((batch, width), float("nan")))[b, : len(values)] = torch.tensor(values)
+            values = torch.tensor(values)  # [tokens, ...]: scalar taps, or per-token vectors (top-k ids/logprobs)
+            if name not in taps:  # rows shorter than the longest are padded: NaN, or -1 for integer taps
+                fill = float("nan") if values.dtype.is_floating_point else -1
+                taps[name] = torch.full((batch, width, *values.shape[1:]), fill, dtype=values.dtype)
+            taps[name][b, : len(values)] = values
     return GenerationResult(
         sequences=torch.cat([input_ids, new], dim=1),
         num_prompt_tokens=input_ids.shape[1],
