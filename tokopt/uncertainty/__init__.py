@@ -1,0 +1,24 @@
+"""Uncertainty scoring: pure reference functions, no graph and no runtime (design note: uncertainty.md).
+
+- ``logit_stats``: per-row statistics of logits ``[..., V]`` in float64 — ``entropy``, ``max_prob``, ``margin``,
+  ``topk_logprobs`` (k <= 20), ``self_certainty``, ``chosen_logprob``, ``typicality_deviation``; the processed
+  distribution via ``processed_logits`` (HF's temperature / top-k / top-p) and ``typical_mask`` (equals HF's
+  ``TypicalLogitsWarper``).
+- ``sequence_scores``: ``max_sequence_probability``, ``perplexity``, ``mean_entropy``, ``token_sar``,
+  ``ccp_from_labels`` / ``combine_nli`` / ``claim_ccp`` (on given NLI labels), ``rauq`` / ``rauq_layers``.
+- ``evaluation``: ``prr`` (prediction rejection ratio) and ``roc_auc``, lm-polygraph's conventions.
+- ``counterfactual``: counter-based Gumbel noise ``gumbel`` and ``gumbel_argmax`` for replayable,
+  intervenable sampling.
+"""
+
+from tokopt.uncertainty.counterfactual import gumbel, gumbel_argmax
+from tokopt.uncertainty.evaluation import prr, roc_auc
+from tokopt.uncertainty.logit_stats import (chosen_logprob, entropy, margin, max_prob, processed_logits,
+                                            self_certainty, topk_logprobs, typical_mask, typicality_deviation)
+from tokopt.uncertainty.sequence_scores import (ccp_from_labels, claim_ccp, combine_nli, max_sequence_probability,
+                                                mean_entropy, perplexity, rauq, rauq_layers, token_sar)
+
+__all__ = ["ccp_from_labels", "chosen_logprob", "claim_ccp", "combine_nli", "entropy", "gumbel", "gumbel_argmax",
+           "margin", "max_prob", "max_sequence_probability", "mean_entropy", "perplexity", "processed_logits",
+           "prr", "rauq", "rauq_layers", "roc_auc", "self_certainty", "token_sar", "topk_logprobs",
+           "typical_mask", "typicality_deviation"]
