@@ -22,6 +22,7 @@ from tokopt.errors import PromptError
 from tokopt.runtime.kv_cache import KVCache
 from tokopt.runtime.masks import causal_structure, prompt_positions, step_mask
 from tokopt.runtime.sampling import SamplingParams, next_token
+from tokopt.runtime.token_uncertainty import chosen_token_stats
 
 
 @dataclass
@@ -103,8 +104,10 @@ def prompt_inputs(input_ids, attention_mask, max_new_tokens, max_positions):
 
 
 def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampling=SamplingParams(),
-             eos_token_ids=(), pad_token_id=None, stop_strings=(), tokenizer=None) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` per row (see module docstring)."""
+             eos_token_ids=(), pad_token_id=None, stop_strings=(), tokenizer=None,
+             token_stats: bool = False) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` per row (see module docstring). ``token_stats``: also record the
+    chosen token's log-probability and the processed distribution's uncertainty (runtime.token_uncertainty)."""
     input_ids, prompt_valid = prompt_inputs(input_ids, attention_mask, max_new_tokens, engine.spec.max_positions)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(eos_token_ids[0]) if len(eos_token_ids) else 0)
@@ -125,6 +128,9 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
         steps.append(token)
         for name, value in out.extras.items():
             taps.setdefault(name, []).append(value[:, -1])
+        if token_stats:
+            for name, value in chosen_token_stats(out.logits[:, -1], token, sampling).items():
+                taps.setdefault(name, []).append(value)
         lengths += (~finished).long()
         finished |= torch.isin(token, eos)
         if stopper.strings:

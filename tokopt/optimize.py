@@ -41,11 +41,13 @@ class OptimizeConfig:
         return asdict(self)
 
 
-def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=None) -> OptimizedModel:
+def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=None,
+             uncertainty: bool = False) -> OptimizedModel:
     """Capture ``model`` (a loaded supported HF causal LM, a model name/path, or None for the default),
     apply ``config.passes`` in order, and return an ``OptimizedModel`` running the result eagerly.
     ``speculative``: a method name (recycling, lookup, draft, dyspec, rsd, specdec++) or a
-    ``tokopt.speculative.SpeculativeConfig``; decoding stays lossless.
+    ``tokopt.speculative.SpeculativeConfig``; decoding stays lossless. ``uncertainty``: add the ``logit_taps``
+    pass and record per-token uncertainty (``opt.last_uncertainty``), also under speculative decoding.
 
     Example::
 
@@ -57,6 +59,8 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
 
     speculative = SpeculativeConfig.coerce(speculative)  # bad names fail before the 20 s capture
     config = config or OptimizeConfig()
+    if uncertainty and "logit_taps" not in config.passes:  # the taps are what the records are made of
+        config = OptimizeConfig(passes=(*config.passes, "logit_taps"))
     model, tokenizer = load(model)  # a name, a path, or a loaded model (checked, tokenizer found beside it)
     with progress_step("capturing the decoder graph with torch.export"):
         gm = capture(model)
@@ -66,4 +70,4 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
     model_key = "|".join([model_fingerprint(model), *config.passes])
     return OptimizedModel(engine, defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer,
                           report=Report(reports, meta["capture_s"]), config=config, graph_module=gm,
-                          model=model, model_key=model_key, speculative=speculative)
+                          model=model, model_key=model_key, speculative=speculative, uncertainty=uncertainty)

@@ -56,8 +56,10 @@ class OptimizedModel:
     """An engine (eager GraphModule, ONNX Runtime, ...) with tokopt's decode loop behind ``generate``."""
 
     def __init__(self, engine, *, defaults: GenerationDefaults, tokenizer=None, report: Report | None = None,
-                 config=None, graph_module=None, model=None, model_key: str = "", speculative=None):
+                 config=None, graph_module=None, model=None, model_key: str = "", speculative=None,
+                 uncertainty: bool = False):
         self.engine = engine
+        self.uncertainty = uncertainty  # record per-token uncertainty (needs the logit_taps pass in the graph)
         self.defaults = defaults
         self.tokenizer = tokenizer
         self.report = report or Report()
@@ -87,7 +89,7 @@ class OptimizedModel:
         """
         clone = OptimizedModel(self.engine, defaults=self.defaults, tokenizer=self.tokenizer, report=self.report,
                                config=self.config, graph_module=self.graph_module, model=self.model,
-                               model_key=self.model_key, speculative=speculative)
+                               model_key=self.model_key, speculative=speculative, uncertainty=self.uncertainty)
         clone.manifest = getattr(self, "manifest", None)
         return clone
 
@@ -95,6 +97,24 @@ class OptimizedModel:
     def last_stats(self):
         """The last speculative ``generate``'s ``SpeculativeStats`` (per-step accepted lengths, ``mat``)."""
         return None if self.last_result is None else self.last_result.stats
+
+    @property
+    def last_uncertainty(self) -> list[list[dict]] | None:
+        """Per sequence of the last ``generate``, one record per generated token (``uncertainty=True``):
+        ``token``, raw ``entropy``, ``logprob``, ``max_prob``, ``margin``, ``self_certainty``, ``typicality``
+        (|-logprob - entropy|), ``topk`` [(id, logprob)] x 20, and ``entropy_processed``,
+        ``logprob_processed``, ``max_prob_processed`` (after temperature/top-k/top-p; = raw when greedy).
+
+        Example::
+
+            opt = tokopt.optimize(model, uncertainty=True); opt.generate(ids, max_new_tokens=8)
+            [round(r["entropy"], 2) for r in opt.last_uncertainty[0]]
+        """
+        if self.last_result is None or not self.uncertainty:
+            return None
+        from tokopt.runtime.token_uncertainty import token_records
+
+        return token_records(self.last_result)
 
     @property
     def spec(self):
@@ -124,6 +144,7 @@ class OptimizedModel:
             pad_token_id=self.defaults.pad_token_id if pad_token_id is None else pad_token_id,
             stop_strings=stop_strings or (),
             tokenizer=tokenizer or self.tokenizer,
+            token_stats=self.uncertainty,
         )
         self.last_result = result
         return result.sequences

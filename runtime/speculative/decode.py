@@ -27,6 +27,7 @@ from tokopt.runtime.masks import step_mask
 from tokopt.runtime.sampling import SamplingParams, next_token
 from tokopt.runtime.speculative.tree import DraftTree, pack_trees
 from tokopt.runtime.speculative.verify import verify_greedy, verify_sampling
+from tokopt.runtime.token_uncertainty import chosen_token_stats
 
 # Dead cache slots (rejected nodes) are dropped in one copy once they are this many and this share of the cache.
 DROP_DEAD_MIN, DROP_DEAD_SHARE = 64, 0.25
@@ -85,7 +86,7 @@ class _Rows:
 
 def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max_new_tokens=64,
                          sampling=SamplingParams(), eos_token_ids=(), pad_token_id=None, stop_strings=(),
-                         tokenizer=None) -> GenerationResult:
+                         tokenizer=None, token_stats: bool = False) -> GenerationResult:
     """Generate with ``drafter``'s trees, losslessly (see module docstring); ``result.stats`` holds MAT."""
     input_ids, prompt_valid = prompt_inputs(input_ids, attention_mask, max_new_tokens, engine.spec.max_positions)
     eos = set(int(e) for e in eos_token_ids)
@@ -105,8 +106,10 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
     if drafter.wants_prefill_logits:
         drafter.observe(input_ids, out.logits, prompt_valid)
     first = next_token(out.logits[:, -1], sampling, generator).tolist()
+    first_stats = chosen_token_stats(out.logits[:, -1], torch.tensor(first), sampling) if token_stats else {}
     for b in range(batch):
-        rows.emit(b, [first[b]], {k: v[b, -1:].tolist() for k, v in out.extras.items()})
+        taps = {k: v[b, -1:].tolist() for k, v in out.extras.items()}
+        rows.emit(b, [first[b]], {**taps, **{k: v[b: b + 1].tolist() for k, v in first_stats.items()}})
     prefill_s = time.perf_counter() - start
     positions = prompt_valid.sum(-1)
 
@@ -141,6 +144,9 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
             path = verdict.path
             emitted = trees[b].path_tokens(path[1:]) + [verdict.next_token]
             tap_rows = {k: v[b, path].tolist() for k, v in out.extras.items()}
+            if token_stats:  # from the target's verify rows on the accepted path, never from a draft
+                chosen = chosen_token_stats(out.logits[b, path], torch.tensor(emitted), sampling)
+                tap_rows.update({k: v.tolist() for k, v in chosen.items()})
             taken = rows.emit(b, emitted, tap_rows)
             stats.accepted[b].append(taken)
             index[b, : len(path)] = torch.tensor(path)

@@ -1,0 +1,65 @@
+"""Per-token uncertainty the decode loops record beside the graph's taps: the chosen token's log-probability
+and the processed distribution's entropy, max probability and chosen log-probability.
+
+The graph's ``logit_taps`` give the raw distribution of every row; what depends on the token actually chosen
+(and on the sampling settings) is computed here, from the very logits row that chose it: in plain decoding the
+decode row, under speculative decoding the target's verify row on the accepted path (never a draft's).
+Greedy decoding applies no processing, so its processed values are the raw ones.
+
+Example::
+
+    stats = chosen_token_stats(logits_rows, tokens, SamplingParams(True, 0.7, 50, 0.9))
+    stats["logprob"], stats["entropy_processed"]          # [n] each
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokopt.runtime.sampling import SamplingParams, process_logits
+
+NAMES = ("logprob", "entropy_processed", "max_prob_processed", "logprob_processed")
+
+
+def _stats(logprobs: torch.Tensor, tokens: torch.Tensor):
+    probs = logprobs.exp()
+    entropy = -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
+    return entropy, probs.max(-1).values, chosen
+
+
+def chosen_token_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: SamplingParams) -> dict:
+    """``logits`` ``[n, V]`` rows that chose ``tokens`` ``[n]`` -> dict of ``[n]`` float tensors (see NAMES)."""
+    raw = logits.float().log_softmax(-1)
+    _, raw_max, raw_chosen = _stats(raw, tokens)
+    if sampling.do_sample:
+        processed = process_logits(logits.float(), sampling).log_softmax(-1)
+        entropy, max_prob, chosen = _stats(processed, tokens)
+    else:
+        entropy = -(raw.exp() * raw).sum(-1)
+        max_prob, chosen = raw_max, raw_chosen
+    return {"logprob": raw_chosen, "entropy_processed": entropy, "max_prob_processed": max_prob,
+            "logprob_processed": chosen}
+
+
+def token_records(result) -> list[list[dict]]:
+    """A GenerationResult's taps as records: per row, one dict per generated token (see
+    ``OptimizedModel.last_uncertainty``)."""
+    taps = result.taps
+    counts = result.generated_counts.tolist() if result.generated_counts is not None else \
+        [result.new_tokens.shape[1]] * result.new_tokens.shape[0]
+    out = []
+    for b, count in enumerate(counts):
+        rows = []
+        for t in range(int(count)):
+            rec = {"token": int(result.new_tokens[b, t])}
+            for name in ("entropy", "max_prob", "margin", "self_certainty", "logprob", *NAMES[1:]):
+                if name in taps:
+                    rec[name] = float(taps[name][b, t])
+            if "topk_ids" in taps:
+                rec["topk"] = list(zip(taps["topk_ids"][b, t].tolist(), taps["topk_logprobs"][b, t].tolist()))
+            if "logprob" in rec and "entropy" in rec:
+                rec["typicality"] = abs(-rec["logprob"] - rec["entropy"])
+            rows.append(rec)
+        out.append(rows)
+    return out
