@@ -42,8 +42,9 @@ class SamplingParams:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p over the last dimension; filtered entries become ``-inf``."""
-    scores = logits.float()
+    """Temperature, top-k, top-p over the last dimension (as HF's warpers, in that order); filtered entries
+    become ``-inf``. Half-precision logits are processed in float32, others in their own dtype."""
+    scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if params.temperature != 1.0:
         scores = scores / params.temperature
     if params.top_k and params.top_k < scores.shape[-1]:

@@ -17,29 +17,17 @@ from __future__ import annotations
 import torch
 
 from tokopt.runtime.sampling import SamplingParams, process_logits
+from tokopt.uncertainty import logit_stats as ls
 
 NAMES = ("logprob", "entropy_processed", "max_prob_processed", "logprob_processed")
 
 
-def _stats(logprobs: torch.Tensor, tokens: torch.Tensor):
-    probs = logprobs.exp()
-    entropy = -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
-    chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
-    return entropy, probs.max(-1).values, chosen
-
-
 def chosen_token_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: SamplingParams) -> dict:
-    """``logits`` ``[n, V]`` rows that chose ``tokens`` ``[n]`` -> dict of ``[n]`` float tensors (see NAMES)."""
-    raw = logits.float().log_softmax(-1)
-    _, raw_max, raw_chosen = _stats(raw, tokens)
-    if sampling.do_sample:
-        processed = process_logits(logits.float(), sampling).log_softmax(-1)
-        entropy, max_prob, chosen = _stats(processed, tokens)
-    else:
-        entropy = -(raw.exp() * raw).sum(-1)
-        max_prob, chosen = raw_max, raw_chosen
-    return {"logprob": raw_chosen, "entropy_processed": entropy, "max_prob_processed": max_prob,
-            "logprob_processed": chosen}
+    """``logits`` ``[n, V]`` rows that chose ``tokens`` ``[n]`` -> dict of ``[n]`` float64 tensors (see NAMES)."""
+    raw = ls.chosen_logprob(logits, tokens)
+    processed = process_logits(logits, sampling) if sampling.do_sample else logits  # greedy: no processing
+    return {"logprob": raw, "entropy_processed": ls.entropy(processed), "max_prob_processed": ls.max_prob(processed),
+            "logprob_processed": ls.chosen_logprob(processed, tokens) if sampling.do_sample else raw}
 
 
 def token_records(result) -> list[list[dict]]:

@@ -161,42 +161,27 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def processed_logits(logits, temperature: float | None = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, min_tokens_to_keep: int = 1) -> torch.Tensor:
+                     top_p: float | None = None) -> torch.Tensor:
     """Logits after HF's sampling warpers: temperature, then top-k, then top-p; removed tokens become ``-inf``.
 
-    Same operations, same order and same dtype as transformers' ``TemperatureLogitsWarper``,
-    ``TopKLogitsWarper`` and ``TopPLogitsWarper``, so the "processed" statistics are those of the
-    distribution HF actually samples from. ``None`` (or 1.0 / 0) switches a step off.
+    The very function tokopt samples with (``runtime.sampling.process_logits``), so the "processed" statistics
+    are those of the distribution the decode loop draws from, and that equals transformers'
+    ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper``. ``None`` (or 1.0 / 0) switches a
+    step off.
 
     Example::
 
         >>> processed_logits(torch.tensor([3.0, 2.0, 1.0]), temperature=0.5, top_k=2)
         tensor([6., 4., -inf])
     """
+    from tokopt.runtime.sampling import SamplingParams, process_logits
+
     logits = _check_logits(logits)
-    if temperature is not None and not (temperature > 0):
-        raise TokoptError(f"processed_logits: temperature must be > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
         raise TokoptError(f"processed_logits: top_k must be a non-negative int or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise TokoptError(f"processed_logits: top_p must be in (0, 1], got {top_p!r}")
-    if min_tokens_to_keep < 1:
-        raise TokoptError(f"processed_logits: min_tokens_to_keep must be >= 1, got {min_tokens_to_keep}")
-    scores = _as_rows(logits)
-    if temperature is not None and temperature != 1.0:
-        scores = scores / temperature
-    if top_k:
-        k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
-        remove = scores < torch.topk(scores, k)[0][..., -1, None]
-        scores = scores.masked_fill(remove, -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_remove = cumulative <= (1 - top_p)
-        sorted_remove[..., -min_tokens_to_keep:] = 0
-        remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
-        scores = scores.masked_fill(remove, -float("inf"))
-    return scores.reshape(logits.shape)
+    params = SamplingParams(True, 1.0 if temperature is None else temperature, top_k or 0,
+                            1.0 if top_p is None else top_p)
+    return process_logits(_as_rows(logits), params).reshape(logits.shape)
 
 
 def typical_mask(logits, mass: float = 0.9, min_tokens_to_keep: int = 1) -> torch.Tensor:
