@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passes(g)
     _add_speculative(g)
     _add_sampling(g)
+    u = g.add_argument_group("uncertainty")
+    u.add_argument("--uncertainty", action="store_true",
+                   help="record per-token uncertainty: tokens coloured by entropy (on a terminal) and a summary")
+    u.add_argument("--html", default=None, metavar="FILE", help="with --uncertainty: write a self-contained HTML report")
     ep = g.add_argument_group("expert parallelism (MoE models, e.g. --model smollm2-moe)")
     ep.add_argument("--ep", type=int, default=None, metavar="N", help="shard the experts over N processes (gloo)")
     ep.add_argument("--ep-strategy", default="context_coherent", choices=["context_coherent", "two_alltoall"],
@@ -151,25 +155,49 @@ def cmd_generate(args) -> int:
     speculative = _speculative(args)
     if args.ep is not None:
         return _generate_ep(args, speculative)
+    if args.html and not args.uncertainty:
+        raise tokopt.TokoptError("--html writes the uncertainty report: add --uncertainty")
     if args.engine:
         opt = tokopt.load_engine(args.engine, speculative=speculative)
         if opt.tokenizer is None:
             raise tokopt.TokoptError(f"{args.engine} has no tokenizer/ folder; re-export it with `tokopt export`")
+        if args.uncertainty:
+            if "lse" not in opt.engine.output_names:
+                raise tokopt.TokoptError(f"{args.engine} has no uncertainty taps; export it with "
+                                         "`--passes remove_noop_casts,entropy_tap,logit_taps`")
+            opt.uncertainty = True
     else:
         config = _config(args)
         model, tokenizer = tokopt.load(args.model)
         if tokenizer is None:
             raise tokopt.TokoptError(f"{args.model} has no tokenizer files; text prompts need one")
-        opt = tokopt.optimize(model, config, speculative=speculative)
+        opt = tokopt.optimize(model, config, speculative=speculative, uncertainty=args.uncertainty)
         opt.tokenizer = tokenizer
     ids, mask = encode_prompts(opt.tokenizer, args.prompts, chat=False if args.no_chat else None)
     out = opt.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        stop_strings=args.stop)
+    records = opt.last_uncertainty if args.uncertainty else None
     for i, text in enumerate(decode_new_tokens(opt.tokenizer, out, ids.shape[1])):
         if len(args.prompts) > 1:
             print(f"--- [{i}] {args.prompts[i]}")
-        print(text.strip())
+        if records is not None and sys.stdout.isatty():
+            from tokopt.uncertainty.show import ansi_tokens
+
+            print(ansi_tokens(opt.tokenizer, records[i]))
+        else:
+            print(text.strip())
+        if records is not None:
+            from tokopt.uncertainty.show import summary_line
+
+            print(f"uncertainty: {summary_line(records[i], opt.tokenizer)}", file=sys.stderr)
+    if args.html:
+        from pathlib import Path
+
+        from tokopt.uncertainty.show import html_report
+
+        Path(args.html).write_text(html_report(args.prompts, opt.tokenizer, records), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
     if args.report:
         r = opt.last_result
         tokens = int(r.generated_counts.sum())
