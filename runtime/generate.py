@@ -123,7 +123,7 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
     lengths = torch.zeros(batch, dtype=torch.long)
     steps, taps, forwards = [], {}, 1
     for step in range(max_new_tokens):
-        token = next_token(out.logits[:, -1], sampling, generator)
+        token = next_token(out.logits[:, -1], sampling, generator, positions=positions)
         token = torch.where(finished, torch.full_like(token, pad), token)
         steps.append(token)
         for name, value in out.extras.items():

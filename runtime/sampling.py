@@ -26,6 +26,8 @@ class SamplingParams:
     top_k: int = 50  # HF's default; 0 disables
     top_p: float = 1.0
     seed: int | None = None
+    typical_p: float = 1.0  # Locally Typical Sampling mass (HF's typical_p); 1 disables
+    gumbel_seed: int | None = None  # counterfactual sampling: Gumbel-max with noise keyed on (seed, row, position)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -34,6 +36,8 @@ class SamplingParams:
             raise TokoptError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise TokoptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.typical_p <= 1:
+            raise TokoptError(f"typical_p must be in (0, 1], got {self.typical_p}")
 
     def generator(self, device="cpu") -> torch.Generator | None:
         if self.seed is None:
@@ -57,12 +61,35 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop_sorted[..., -1:] = False  # always keep the most likely token
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
+    if params.typical_p < 1.0:  # after top-p, as HF orders its warpers
+        from tokopt.uncertainty.logit_stats import typical_mask
+
+        scores = scores.masked_fill(~typical_mask(scores, params.typical_p), float("-inf"))
     return scores
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[B, V]`` logits -> ``[B]`` token ids: argmax when greedy, else a draw from the processed distribution."""
+def gumbel_noise(params: SamplingParams, rows, positions, vocab: int) -> torch.Tensor:
+    """``[n, V]`` standard Gumbel noise for the tokens at (row, position): a function of the key alone, so a
+    replay draws the same tokens and a changed prefix changes only what follows (counterfactual generation)."""
+    import numpy as np
+
+    from tokopt.uncertainty.counterfactual import gumbel
+
+    ids = np.arange(vocab)
+    return torch.from_numpy(np.stack([gumbel(params.gumbel_seed, int(r), int(p), ids)
+                                      for r, p in zip(rows, positions)])).float()
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+               positions=None) -> torch.Tensor:
+    """``[B, V]`` logits -> ``[B]`` token ids: argmax when greedy, else a draw from the processed distribution
+    (with ``params.gumbel_seed``: the Gumbel-max draw keyed on each row and its token's ``positions``)."""
     if not params.do_sample:
         return logits.argmax(dim=-1)
+    if params.gumbel_seed is not None:
+        if positions is None:
+            raise TokoptError("Gumbel-max sampling needs the positions of the tokens being drawn")
+        processed = process_logits(logits, params)
+        return (processed + gumbel_noise(params, range(len(logits)), positions, logits.shape[-1])).argmax(dim=-1)
     probs = process_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -122,11 +122,14 @@ class OptimizedModel:
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                 stop_strings=None, tokenizer=None, eos_token_id=None, pad_token_id=None) -> torch.Tensor:
+                 stop_strings=None, tokenizer=None, eos_token_id=None, pad_token_id=None, typical_p: float = 1.0,
+                 gumbel_seed: int | None = None) -> torch.Tensor:
         """Generate like HF ``generate``: returns ``[B, T + new]`` ids (prompt, then new tokens, padded).
 
         ``input_ids`` is ``[B, T]`` (left-padded, with ``attention_mask``) or ``[T]``. Greedy unless
-        ``do_sample``; ``seed`` makes sampling repeatable. Details of the run are in ``self.last_result``.
+        ``do_sample``; ``seed`` makes sampling repeatable. ``typical_p`` < 1: Locally Typical Sampling.
+        ``gumbel_seed``: counterfactual sampling (Gumbel-max with noise keyed on row and position: a replay with
+        the same seed gives the same tokens, also under speculative decoding). Details: ``self.last_result``.
         """
         if isinstance(input_ids, str):
             raise PromptError("generate() takes token ids; use tokopt.runtime.prompts.encode_prompts(tokenizer, "
@@ -139,7 +142,7 @@ class OptimizedModel:
         result = run(
             self.engine, input_ids, attention_mask,
             max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(do_sample, temperature, top_k, top_p, seed),
+            sampling=SamplingParams(do_sample, temperature, top_k, top_p, seed, typical_p, gumbel_seed),
             eos_token_ids=eos,
             pad_token_id=self.defaults.pad_token_id if pad_token_id is None else pad_token_id,
             stop_strings=stop_strings or (),

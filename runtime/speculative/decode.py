@@ -24,7 +24,7 @@ import torch
 
 from tokopt.runtime.generate import GenerationResult, StopStrings, prefill_rows, prompt_inputs
 from tokopt.runtime.masks import step_mask
-from tokopt.runtime.sampling import SamplingParams, next_token
+from tokopt.runtime.sampling import SamplingParams, gumbel_noise, next_token, process_logits
 from tokopt.runtime.speculative.tree import DraftTree, pack_trees
 from tokopt.runtime.speculative.verify import verify_greedy, verify_sampling
 from tokopt.runtime.token_uncertainty import chosen_token_stats
@@ -105,7 +105,7 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
     out, cache = prefill_rows(engine, input_ids, prompt_valid, logit_rows)
     if drafter.wants_prefill_logits:
         drafter.observe(input_ids, out.logits, prompt_valid)
-    first = next_token(out.logits[:, -1], sampling, generator).tolist()
+    first = next_token(out.logits[:, -1], sampling, generator, positions=prompt_valid.sum(-1)).tolist()
     first_stats = chosen_token_stats(out.logits[:, -1], torch.tensor(first), sampling) if token_stats else {}
     for b in range(batch):
         taps = {k: v[b, -1:].tolist() for k, v in out.extras.items()}
@@ -131,7 +131,14 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
         for b in range(batch):
             if rows.finished[b]:
                 continue
-            if sampling.do_sample:
+            if sampling.do_sample and sampling.gumbel_seed is not None:
+                # Gumbel-max sampling is argmax of processed logits + keyed noise: verify it like greedy, and
+                # the tokens are exactly those of plain decoding with the same seed
+                size = trees[b].size
+                noise = gumbel_noise(sampling, [b] * size, (packed.positions[b, :size] + 1).tolist(),
+                                     out.logits.shape[-1])
+                verdicts[b] = verify_greedy(trees[b], process_logits(out.logits[b, :size], sampling) + noise)
+            elif sampling.do_sample:
                 verdicts[b] = verify_sampling(trees[b], out.logits[b], sampling, generator)
             else:
                 verdicts[b] = verify_greedy(trees[b], out.logits[b])
