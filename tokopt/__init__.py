@@ -17,11 +17,11 @@ from tokopt.optimize import OptimizeConfig, optimize  # noqa: E402
 from tokopt.speculative import SpeculativeConfig  # noqa: E402
 
 
-def load_engine(path, *, speculative=None):
+def load_engine(path, *, speculative=None, uncertainty: bool = False):
     """Load an exported engine directory (``tokopt export``) as an ``OptimizedModel``; see tokopt.engine_dir."""
     from tokopt.engine_dir import load_engine as _load_engine
 
-    return _load_engine(path, speculative=speculative)
+    return _load_engine(path, speculative=speculative, uncertainty=uncertainty)
 
 
 def place(trace, gpus, **kwargs):

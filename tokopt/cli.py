@@ -158,14 +158,9 @@ def cmd_generate(args) -> int:
     if args.html and not args.uncertainty:
         raise tokopt.TokoptError("--html writes the uncertainty report: add --uncertainty")
     if args.engine:
-        opt = tokopt.load_engine(args.engine, speculative=speculative)
+        opt = tokopt.load_engine(args.engine, speculative=speculative, uncertainty=args.uncertainty)
         if opt.tokenizer is None:
             raise tokopt.TokoptError(f"{args.engine} has no tokenizer/ folder; re-export it with `tokopt export`")
-        if args.uncertainty:
-            if "lse" not in opt.engine.output_names:
-                raise tokopt.TokoptError(f"{args.engine} has no uncertainty taps; export it with "
-                                         "`--passes remove_noop_casts,entropy_tap,logit_taps`")
-            opt.uncertainty = True
     else:
         config = _config(args)
         model, tokenizer = tokopt.load(args.model)

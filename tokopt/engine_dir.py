@@ -135,10 +135,11 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def load_engine(path, *, threads: int | None = None, speculative=None) -> OptimizedModel:
+def load_engine(path, *, threads: int | None = None, speculative=None, uncertainty: bool = False) -> OptimizedModel:
     """Load an engine directory as an OptimizedModel running on ONNX Runtime (no torch model needed).
     ``speculative`` as in ``tokopt.optimize``; draft-model methods load the engine's model (by the name in
-    the manifest) for their self-speculative draft."""
+    the manifest) for their self-speculative draft. ``uncertainty``: record per-token uncertainty
+    (``opt.last_uncertainty``); the engine must have been exported with the ``logit_taps`` pass."""
     from tokopt.speculative import DRAFT_MODEL_METHODS, SpeculativeConfig
 
     from tokopt.runtime.ort_engine import OrtEngine
@@ -151,6 +152,10 @@ def load_engine(path, *, threads: int | None = None, speculative=None) -> Optimi
     if not model_file.is_file():
         raise EngineError(f"{path} lacks model.onnx; re-export the engine with `tokopt export`")
     spec = GraphSpec(**manifest["spec"])
+    if uncertainty and "lse" not in manifest["outputs"]:
+        raise EngineError(f"{path} has no uncertainty taps (outputs: {', '.join(manifest['outputs'][:1])}, cache, "
+                          f"{', '.join(manifest['outputs'][1 + 2 * spec.num_layers:]) or 'nothing else'}); re-export "
+                          "it with the logit_taps pass: `tokopt export --passes remove_noop_casts,logit_taps -o DIR`")
     engine = OrtEngine(model_file, spec, manifest["outputs"], threads=threads)
     tokenizer = None
     if (path / "tokenizer").is_dir():
@@ -171,6 +176,6 @@ def load_engine(path, *, threads: int | None = None, speculative=None) -> Optimi
         model, _ = tokopt.load(name, progress=False)
     key = "|".join([manifest["model"].get("name") or str(path.resolve()), *manifest.get("passes", []), "onnx"])
     opt = OptimizedModel(engine, defaults=defaults, tokenizer=tokenizer, report=report, model=model,
-                         model_key=key, speculative=speculative)
+                         model_key=key, speculative=speculative, uncertainty=uncertainty)
     opt.manifest = manifest
     return opt

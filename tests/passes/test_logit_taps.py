@@ -114,11 +114,22 @@ def test_taps_survive_onnx_export(tapped_opt, tmp_path):
     eager = tapped_opt.last_result.taps
     path = export_engine(tapped_opt, tmp_path / "engine", model_config=tapped_opt.model.config.to_dict(),
                          model_name="tiny-llama")
-    ort = tokopt.load_engine(path)
+    ort = tokopt.load_engine(path, uncertainty=True)
     assert torch.equal(ort.generate(ids, max_new_tokens=5), eager_out)
+    assert [r["token"] for r in ort.last_uncertainty[0]] == eager_out[0, ids.shape[1]:].tolist()
     for name in TAP_OUTPUTS:
         got = ort.last_result.taps[name]
         if name == "topk_ids":
             assert torch.equal(got.long(), eager[name])
         else:
             torch.testing.assert_close(got, eager[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_engine_without_taps_refuses_uncertainty(tiny_model, tmp_path):
+    from tokopt.engine_dir import export_engine
+    from tokopt.errors import EngineError
+
+    plain = tokopt.optimize(tiny_model("llama", vocab_size=256), tokopt.OptimizeConfig(passes=()))
+    path = export_engine(plain, tmp_path / "engine", model_config=plain.model.config.to_dict(), model_name="tiny")
+    with pytest.raises(EngineError, match="no uncertainty taps.*logit_taps"):
+        tokopt.load_engine(path, uncertainty=True)
