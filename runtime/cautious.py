@@ -1,0 +1,278 @@
+"""Cautious Next Token Prediction (CNTP, arXiv 2507.03038): sample several short continuations where the model
+is unsure, keep the most confident one.
+
+At each step the entropy H (nats) of the processed next-token distribution sets the number of trials::
+
+    N = round(1 + (n_max - 1) * clamp((H - 0.01) / (1.5 - 0.01), 0, 1))
+
+N == 1: the step takes the sampled (or, with ``do_sample=False``, the greedy) token, exactly as ``generate``
+does. N > 1: N trials each sample a continuation up to and including the first punctuation token (or EOS, or
+``max_trial_tokens``, or the token budget); the trial with the lowest perplexity (under the processed
+distribution it was drawn from) is kept and all its tokens are emitted.
+
+The trials share one prefix KV cache: the prefix is stored once and the N chains are appended as disjoint
+branches, one forward per trial depth holding every live chain's next token (positions = prefix length +
+depth; each token sees the prefix and its own chain only, ``shared_prefix_mask``). A chain's last token is fed
+too, so the chosen chain leaves the logits for the step after it; the cache is then compacted to the prefix
+plus the chosen chain (``KVCache.compact_tail``, as the speculative path does after verification).
+
+Example::
+
+    opt = tokopt.optimize(tokopt.load()[0]); tok = opt.tokenizer
+    ids = tok("Question: why is the sky blue?\\nAnswer:", return_tensors="pt").input_ids
+    result = cautious_generate(opt.engine, ids, max_new_tokens=48, tokenizer=tok,
+                               sampling=SamplingParams(do_sample=True, seed=0), eos_token_ids=[tok.eos_token_id])
+    print(tok.decode(result.new_tokens[0]), result.stats.trials)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokopt.errors import TokoptError
+from tokopt.runtime.generate import GenerationResult, decode_one_token, prefill, prompt_inputs
+from tokopt.runtime.masks import step_mask
+from tokopt.runtime.sampling import SamplingParams, next_token, process_logits
+from tokopt.runtime.speculative.decode import DROP_DEAD_MIN, DROP_DEAD_SHARE
+from tokopt.uncertainty.logit_stats import entropy
+
+ENTROPY_LOW, ENTROPY_HIGH = 0.01, 1.5  # nats: below, one trial; above, n_max trials
+PUNCTUATION = set(".,!?;:") | set("。，！？；：…")
+
+
+def num_trials(entropy_nats: float, n_max: int = 40) -> int:
+    """CNTP's trial count for a step whose processed distribution has entropy ``entropy_nats``.
+
+    Example::
+
+        >>> num_trials(0.0), num_trials(0.755, 40), num_trials(9.0, 40)
+        (1, 21, 40)
+    """
+    if n_max < 1:
+        raise TokoptError(f"n_max must be >= 1, got {n_max}")
+    if math.isnan(entropy_nats):
+        raise TokoptError("the entropy of the next-token distribution is NaN; the logits are not finite")
+    scale = min(max((entropy_nats - ENTROPY_LOW) / (ENTROPY_HIGH - ENTROPY_LOW), 0.0), 1.0)
+    return int(round(1 + (n_max - 1) * scale))
+
+
+def punctuation_token_ids(tokenizer) -> set:
+    """Ids of the tokens that end a trial: those whose text, without surrounding whitespace, is made only of
+    sentence/clause punctuation (``. , ! ? ; :`` and their CJK forms, ``…``), e.g. ``.``, ``,``, ``?"``-free
+    ``...`` or ``.\\n``.
+
+    Example::
+
+        punct = punctuation_token_ids(tokenizer)
+        assert tokenizer.convert_tokens_to_ids(".") in punct
+    """
+    if tokenizer is None or not hasattr(tokenizer, "decode"):
+        raise TokoptError("punctuation_token_ids needs a Hugging Face tokenizer (with .decode)")
+    size = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False)
+    return {i for i, text in enumerate(texts) if (s := text.strip()) and all(c in PUNCTUATION for c in s)}
+
+
+def shared_prefix_mask(past_visible: torch.Tensor, structure: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Additive mask ``[1, 1, N, P + N]`` for N new tokens (batch 1) where each new token has its own view of
+    the cache: ``past_visible`` ``[N, P]`` bool (the shared prefix and its own branch's earlier slots) and
+    ``structure`` ``[N, N]`` bool among the new tokens. Branches of a tree over one stored prefix.
+
+    Example::
+
+        # two branches of one token each over a 5-slot cache whose slot 0 is the null slot
+        visible = torch.tensor([[0, 1, 1, 1, 1]], dtype=torch.bool).expand(2, 5)
+        mask = shared_prefix_mask(visible, torch.eye(2, dtype=torch.bool))
+    """
+    n, p = past_visible.shape
+    mask = step_mask(torch.ones(1, p, dtype=torch.bool), structure, dtype=dtype)  # [1, 1, N, P + N]
+    mask[0, 0, :, :p].masked_fill_(~past_visible, torch.finfo(dtype).min)
+    return mask
+
+
+@dataclass
+class TrialSet:
+    """What one CNTP step's trials did."""
+
+    chains: list  # per trial: its tokens
+    logprobs: list  # per trial: log-probability of each token under the processed distribution
+    perplexities: list  # per trial: exp(-mean logprob)
+    chosen: int  # index of the lowest-perplexity trial (first on ties)
+    forwards: int  # batched trial forwards (one per depth)
+    logits: list | None = None  # keep_logits: per trial, [fed tokens, V] logits after each fed token
+
+
+@dataclass
+class CautiousStats:
+    """Per step of ``cautious_generate``: the entropy, the number of trials and the tokens emitted."""
+
+    entropies: list = field(default_factory=list)
+    trials: list = field(default_factory=list)
+    emitted: list = field(default_factory=list)
+    trial_sets: list = field(default_factory=list)  # TrialSet of each step with N > 1
+    forwards: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.trials)
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "entropies": self.entropies, "trials": self.trials, "emitted": self.emitted,
+                "forwards": self.forwards}
+
+
+def run_trials(engine, cache, logits, position: int, n: int, *, sampling: SamplingParams, generator=None,
+               max_tokens: int = 16, stop_ids=frozenset(), final_ids=frozenset(), keep_logits: bool = False):
+    """Run ``n`` trials from the pending distribution ``logits`` ``[V]`` (the token at ``position``, not yet in
+    ``cache``) as branches over the shared prefix ``cache`` (batch 1). A trial ends after a token in
+    ``stop_ids`` (punctuation, EOS) or ``final_ids`` (EOS) or at ``max_tokens`` tokens. Every chain's tokens are
+    fed except a last token in ``final_ids``, so a chosen chain that goes on leaves its next logits.
+
+    Returns ``(TrialSet, cache, next_logits)``: the cache compacted to the prefix + the chosen chain's fed
+    tokens, and the logits ``[V]`` after the chosen chain's last token (None when it was not fed).
+    """
+    dtype = engine.spec.torch_dtype
+    start = cache.length
+    prefix_visible = cache.valid[0]
+    processed = process_logits(logits[None], sampling)
+    first = torch.multinomial(processed.softmax(-1), n, replacement=True, generator=generator)[0]
+    logp = torch.log_softmax(processed.double(), dim=-1)[0]
+    chains = [[t] for t in first.tolist()]
+    logprobs = [[float(logp[t])] for t in first.tolist()]
+    done = [t in stop_ids or t in final_ids or max_tokens <= 1 for t in first.tolist()]
+    fed = [0] * n
+    owner = []  # tail slot -> trial
+    kept = [[] for _ in range(n)] if keep_logits else None
+    last_logits = [None] * n
+    forwards = 0
+    while True:
+        feed = [i for i in range(n) if fed[i] < len(chains[i]) and not (done[i] and chains[i][-1] in final_ids
+                                                                         and fed[i] == len(chains[i]) - 1)]
+        if not feed:
+            break
+        m = len(feed)
+        tokens = torch.tensor([[chains[i][fed[i]] for i in feed]])
+        positions = torch.tensor([[position + fed[i] for i in feed]])
+        tail = torch.tensor(owner, dtype=torch.long)[None, :] == torch.tensor(feed)[:, None]  # [m, tail]
+        visible = torch.cat([prefix_visible[None, :start].expand(m, start), tail], dim=1)
+        mask = shared_prefix_mask(visible, torch.eye(m, dtype=torch.bool), dtype)
+        out = engine(tokens, positions, mask, torch.arange(m), cache.tensors)
+        cache = cache.extend(out.present, torch.ones(1, m, dtype=torch.bool))
+        owner += feed
+        forwards += 1
+        rows = out.logits[0]
+        live = []
+        for row, i in enumerate(feed):
+            fed[i] += 1
+            if keep_logits:
+                kept[i].append(rows[row])
+            if done[i]:
+                last_logits[i] = rows[row]
+            else:
+                live.append((row, i))
+        if live:
+            scores = process_logits(rows[[r for r, _ in live]], sampling)
+            drawn = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1).tolist()
+            lp = torch.log_softmax(scores.double(), dim=-1)
+            for k, ((_, i), t) in enumerate(zip(live, drawn)):
+                chains[i].append(t)
+                logprobs[i].append(float(lp[k, t]))
+                done[i] = t in stop_ids or t in final_ids or len(chains[i]) >= max_tokens
+    perplexities = [math.exp(-sum(lp) / len(lp)) for lp in logprobs]
+    chosen = min(range(n), key=lambda i: (perplexities[i], i))
+    slots = [s for s, i in enumerate(owner) if i == chosen]
+    index = torch.tensor([slots], dtype=torch.long)
+    cache = cache.compact_tail(start, index, torch.ones_like(index, dtype=torch.bool))
+    if cache.dead_slots() >= max(DROP_DEAD_MIN, DROP_DEAD_SHARE * cache.length):
+        cache = cache.drop_dead()
+    trial_set = TrialSet(chains, logprobs, perplexities, chosen, forwards,
+                         [torch.stack(k) if k else None for k in kept] if keep_logits else None)
+    return trial_set, cache, last_logits[chosen]
+
+
+def cautious_generate(engine, input_ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(do_sample=True),
+                      n_max: int = 40, max_trial_tokens: int = 16, punctuation_ids=None, tokenizer=None,
+                      eos_token_ids=(), seed: int | None = None) -> GenerationResult:
+    """Generate with CNTP (module docstring) for one prompt (``[T]`` or ``[1, T]`` ids).
+
+    ``sampling`` processes the distribution (temperature, top-k, top-p) for the entropy, single-trial steps
+    and the trials; with ``do_sample=False`` single-trial steps take the argmax and trials still sample.
+    ``punctuation_ids`` end trials (default ``punctuation_token_ids(tokenizer)``); ``seed`` overrides
+    ``sampling.seed`` for the draws. ``result.stats`` is a ``CautiousStats`` (entropy, trials, tokens per step).
+
+    Example::
+
+        result = cautious_generate(opt.engine, ids, max_new_tokens=32, tokenizer=tok, seed=0)
+    """
+    if max_new_tokens < 1:
+        raise TokoptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_trial_tokens < 1:
+        raise TokoptError(f"max_trial_tokens must be >= 1, got {max_trial_tokens}")
+    num_trials(0.0, n_max)  # checks n_max
+    if sampling.gumbel_seed is not None:
+        raise TokoptError("cautious_generate draws its trials with a torch generator; gumbel_seed is not supported")
+    input_ids, prompt_valid = prompt_inputs(input_ids, None, max_new_tokens, engine.spec.max_positions)
+    if input_ids.shape[0] != 1:
+        raise TokoptError(f"cautious_generate decodes one prompt at a time (batch 1), got a batch of "
+                          f"{input_ids.shape[0]}; call it once per prompt")
+    if punctuation_ids is None:
+        if tokenizer is None and n_max > 1:
+            raise TokoptError("CNTP trials end at punctuation: pass punctuation_ids=... or tokenizer=... "
+                              "(punctuation_ids=() lets trials run to max_trial_tokens)")
+        punctuation_ids = punctuation_token_ids(tokenizer) if tokenizer is not None else set()
+    punct = frozenset(int(t) for t in punctuation_ids)
+    eos = frozenset(int(t) for t in eos_token_ids)
+    generator = (torch.Generator().manual_seed(seed) if seed is not None else sampling.generator())
+    stats = CautiousStats()
+
+    start = time.perf_counter()
+    out, cache = prefill(engine, input_ids, prompt_valid)
+    prefill_s = time.perf_counter() - start
+    forwards = 1
+    logits = out.logits[0, -1]
+    position = int(prompt_valid.sum())
+    tokens = []
+    while True:
+        budget = max_new_tokens - len(tokens)
+        h = float(entropy(process_logits(logits[None], sampling))[0])
+        n = num_trials(h, n_max)
+        stats.entropies.append(h)
+        stats.trials.append(n)
+        if n == 1:
+            token = int(next_token(logits[None], sampling, generator, positions=torch.tensor([position]))[0])
+            emitted = [token]
+            next_logits = None
+            if token not in eos and budget > 1:
+                out, cache = decode_one_token(engine, cache, torch.tensor([token]), torch.tensor([position]))
+                forwards += 1
+                next_logits = out.logits[0, -1]
+        else:
+            trial_set, cache, next_logits = run_trials(
+                engine, cache, logits, position, n, sampling=sampling, generator=generator,
+                max_tokens=min(max_trial_tokens, budget), stop_ids=punct | eos, final_ids=eos)
+            forwards += trial_set.forwards
+            stats.trial_sets.append(trial_set)
+            emitted = trial_set.chains[trial_set.chosen]
+        tokens += emitted
+        stats.emitted.append(len(emitted))
+        position += len(emitted)
+        if emitted[-1] in eos or len(tokens) >= max_new_tokens or next_logits is None:
+            break
+        logits = next_logits
+    stats.forwards = forwards
+    decode_s = time.perf_counter() - start - prefill_s
+    new = torch.tensor([tokens], dtype=torch.long)
+    return GenerationResult(
+        sequences=torch.cat([input_ids, new], dim=1),
+        num_prompt_tokens=input_ids.shape[1],
+        new_tokens=new,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        forwards=forwards,
+        generated_counts=torch.tensor([len(tokens)]),
+        stats=stats,
+    )
