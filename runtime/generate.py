@@ -22,7 +22,7 @@ from tokopt.errors import PromptError
 from tokopt.runtime.kv_cache import KVCache
 from tokopt.runtime.masks import causal_structure, prompt_positions, step_mask
 from tokopt.runtime.sampling import SamplingParams, next_token
-from tokopt.runtime.token_uncertainty import chosen_token_stats
+from tokopt.runtime.token_uncertainty import INPUT_TOKEN_TAPS, chosen_token_stats
 
 
 @dataclass
@@ -36,6 +36,9 @@ class GenerationResult:
     forwards: int = 0
     generated_counts: torch.Tensor | None = None  # [B] tokens per row, up to and including its EOS/stop token
     stats: object = None  # speculative decoding: runtime.speculative.decode.SpeculativeStats
+    # taps of the row whose INPUT is each row's last generated token (name -> [B, ...]): what describes a token
+    # as input (attention_taps' prev_attention) is otherwise only known one forward later
+    tail_taps: dict = field(default_factory=dict)
 
 
 ONE_ROW = torch.tensor([0])
@@ -141,6 +144,11 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
         out, cache = decode_one_token(engine, cache, token, positions)
         positions = positions + 1
         forwards += 1
+    tail_taps = {}
+    if any(name in out.extras for name in INPUT_TOKEN_TAPS):  # one more forward: the last tokens as input
+        tail, _ = decode_one_token(engine, cache, token, positions)
+        tail_taps = {name: tail.extras[name][:, -1] for name in INPUT_TOKEN_TAPS if name in tail.extras}
+        forwards += 1
     decode_s = time.perf_counter() - start - prefill_s
 
     new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(batch, 0)
@@ -153,5 +161,6 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
         decode_s=decode_s,
         forwards=forwards,
         generated_counts=lengths,
+        tail_taps=tail_taps,
     )
     return result

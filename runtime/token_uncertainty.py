@@ -20,6 +20,9 @@ from tokopt.runtime.sampling import SamplingParams, process_logits
 from tokopt.uncertainty import logit_stats as ls
 
 NAMES = ("logprob", "entropy_processed", "max_prob_processed", "logprob_processed")
+# Taps that describe a row's input token rather than the token the row chooses: the value for generated token t
+# comes from the row whose input is t (the next step's, or the loops' tail forward for the last token).
+INPUT_TOKEN_TAPS = ("prev_attention",)
 
 
 def chosen_token_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: SamplingParams) -> dict:
@@ -46,8 +49,21 @@ def token_records(result) -> list[list[dict]]:
                     rec[name] = float(taps[name][b, t])
             if "topk_ids" in taps:
                 rec["topk"] = list(zip(taps["topk_ids"][b, t].tolist(), taps["topk_logprobs"][b, t].tolist()))
+            for name in INPUT_TOKEN_TAPS:
+                if name in taps:
+                    own = _input_token_tap(result, name, b, t, int(count))
+                    if own is not None:
+                        rec[name] = own.tolist()  # prev_attention: [layers][heads], this token -> the one before
             if "logprob" in rec and "entropy" in rec:
                 rec["typicality"] = abs(-rec["logprob"] - rec["entropy"])
             rows.append(rec)
         out.append(rows)
     return out
+
+
+def _input_token_tap(result, name: str, b: int, t: int, count: int):
+    """Row b's value of ``name`` at the row whose input was generated token t (None if never computed)."""
+    if t + 1 < count:
+        return result.taps[name][b, t + 1]
+    tail = result.tail_taps.get(name)
+    return None if tail is None else tail[b]

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="onnx", choices=["onnx"], help="engine kind (default onnx)")
     e.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     _add_passes(e)
+    e.add_argument("--uncertainty", action="store_true",
+                   help="add the uncertainty taps (logit_taps, attention_taps) so the engine records per-token "
+                        "uncertainty (load it with --uncertainty)")
 
     b = sub.add_parser("bench", help="tokens/s of tokopt (eager, ONNX Runtime) against HF generate",
                        description="Greedy tokens/s of HF generate, tokopt's eager loop and its ONNX Runtime engine on "
@@ -236,7 +239,7 @@ def cmd_export(args) -> int:
 
     config = _config(args)  # bad pass names fail before the model loads
     model, tokenizer = tokopt.load(args.model)
-    opt = tokopt.optimize(model, config)
+    opt = tokopt.optimize(model, config, uncertainty=args.uncertainty)
     opt.tokenizer = tokenizer
     path = export_engine(opt, args.output, target=args.target, model_config=model.config.to_dict(),
                          model_name=str(args.model or tokopt.models.DEFAULT_MODEL))

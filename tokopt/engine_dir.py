@@ -155,7 +155,7 @@ def load_engine(path, *, threads: int | None = None, speculative=None, uncertain
     if uncertainty and "lse" not in manifest["outputs"]:
         raise EngineError(f"{path} has no uncertainty taps (outputs: {', '.join(manifest['outputs'][:1])}, cache, "
                           f"{', '.join(manifest['outputs'][1 + 2 * spec.num_layers:]) or 'nothing else'}); re-export "
-                          "it with the logit_taps pass: `tokopt export --passes remove_noop_casts,logit_taps -o DIR`")
+                          "it with the uncertainty taps: `tokopt export --uncertainty -o DIR`")
     engine = OrtEngine(model_file, spec, manifest["outputs"], threads=threads)
     tokenizer = None
     if (path / "tokenizer").is_dir():

@@ -21,6 +21,7 @@ from tokopt.progress import progress_step
 from tokopt.runtime.eager_engine import EagerEngine
 
 DEFAULT_PASSES = ("remove_noop_casts", "entropy_tap")
+UNCERTAINTY_PASSES = ("logit_taps", "attention_taps")  # what optimize(uncertainty=True) adds
 # small_batch_linear speeds the eager engine on CPU (few-token steps) but slows ONNX Runtime (measured:
 # bench/RESULTS.md), so it is opt-in: OptimizeConfig(passes=(*DEFAULT_PASSES, "small_batch_linear")).
 
@@ -46,8 +47,9 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
     """Capture ``model`` (a loaded supported HF causal LM, a model name/path, or None for the default),
     apply ``config.passes`` in order, and return an ``OptimizedModel`` running the result eagerly.
     ``speculative``: a method name (recycling, lookup, draft, dyspec, rsd, specdec++) or a
-    ``tokopt.speculative.SpeculativeConfig``; decoding stays lossless. ``uncertainty``: add the ``logit_taps``
-    pass and record per-token uncertainty (``opt.last_uncertainty``), also under speculative decoding.
+    ``tokopt.speculative.SpeculativeConfig``; decoding stays lossless. ``uncertainty``: add the ``logit_taps`` and
+    ``attention_taps`` passes and record per-token uncertainty (``opt.last_uncertainty``), also under
+    speculative decoding.
 
     Example::
 
@@ -59,8 +61,9 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
 
     speculative = SpeculativeConfig.coerce(speculative)  # bad names fail before the 20 s capture
     config = config or OptimizeConfig()
-    if uncertainty and "logit_taps" not in config.passes:  # the taps are what the records are made of
-        config = OptimizeConfig(passes=(*config.passes, "logit_taps"))
+    if uncertainty:  # the taps are what the records are made of
+        missing = tuple(p for p in UNCERTAINTY_PASSES if p not in config.passes)
+        config = OptimizeConfig(passes=(*config.passes, *missing))
     model, tokenizer = load(model)  # a name, a path, or a loaded model (checked, tokenizer found beside it)
     with progress_step("capturing the decoder graph with torch.export"):
         gm = capture(model)

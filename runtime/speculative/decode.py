@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokopt.runtime.generate import GenerationResult, StopStrings, prefill_rows, prompt_inputs
+from tokopt.runtime.generate import GenerationResult, StopStrings, decode_one_token, prefill_rows, prompt_inputs
 from tokopt.runtime.masks import step_mask
 from tokopt.runtime.sampling import SamplingParams, gumbel_noise, next_token, process_logits
 from tokopt.runtime.speculative.tree import DraftTree, pack_trees
 from tokopt.runtime.speculative.verify import verify_greedy, verify_sampling
-from tokopt.runtime.token_uncertainty import chosen_token_stats
+from tokopt.runtime.token_uncertainty import INPUT_TOKEN_TAPS, chosen_token_stats
 
 # Dead cache slots (rejected nodes) are dropped in one copy once they are this many and this share of the cache.
 DROP_DEAD_MIN, DROP_DEAD_SHARE = 64, 0.25
@@ -113,6 +113,8 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
     prefill_s = time.perf_counter() - start
     positions = prompt_valid.sum(-1)
 
+    input_taps = [name for name in INPUT_TOKEN_TAPS if name in out.extras]
+    tail = [None] * batch  # per row: input-token taps of its last emitted token, once a verify row computed them
     while not all(rows.finished):
         t0 = time.perf_counter()
         histories = [prompts[b] + rows.tokens[b] for b in range(batch)]
@@ -155,6 +157,8 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
                 chosen = chosen_token_stats(out.logits[b, path], torch.tensor(emitted), sampling)
                 tap_rows.update({k: v.tolist() for k, v in chosen.items()})
             taken = rows.emit(b, emitted, tap_rows)
+            # row path[j] has emitted[j - 1] as input; the bonus token (j = len(path)) is input to no row yet
+            tail[b] = {k: out.extras[k][b, path[taken]] for k in input_taps} if taken < len(path) else None
             stats.accepted[b].append(taken)
             index[b, : len(path)] = torch.tensor(path)
             index_valid[b, : len(path)] = True
@@ -168,6 +172,14 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.host_s += t3 - t2
+    forwards = 1 + stats.steps
+    if input_taps:  # rows whose last token is a bonus token: one more forward, feeding it (cache holds the rest)
+        if any(t is None for t in tail):
+            last = torch.tensor([row[-1] for row in rows.tokens])
+            extra, _ = decode_one_token(engine, cache, last, positions)
+            forwards += 1
+            tail = [t if t is not None else {k: extra.extras[k][b, -1] for k in input_taps}
+                    for b, t in enumerate(tail)]
     decode_s = time.perf_counter() - start - prefill_s
 
     width = max(len(t) for t in rows.tokens)
@@ -188,7 +200,8 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
         taps=taps,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        forwards=1 + stats.steps,
+        forwards=forwards,
         generated_counts=torch.tensor([len(t) for t in rows.tokens]),
         stats=stats,
+        tail_taps={k: torch.stack([t[k] for t in tail]) for k in input_taps},
     )

@@ -127,3 +127,19 @@ def test_cache_of_unused_kv(llama3):
     mask = step_mask(cache.valid, torch.ones(1, 1, 1, dtype=torch.bool), dtype=torch.float32)
     out = engine(torch.tensor([[3]]), torch.tensor([[0]]), mask, torch.tensor([0]), cache.tensors)
     assert torch.equal(out.extras[OUTPUT], torch.zeros_like(out.extras[OUTPUT]))
+
+
+def test_prev_attention_survives_onnx_export(tiny_model, tmp_path):
+    import tokopt
+    from tokopt.engine_dir import export_engine
+
+    opt = tokopt.optimize(tiny_model("llama", num_hidden_layers=3, vocab_size=256), uncertainty=True)
+    ids = torch.tensor([[5, 9, 17, 3, 8, 8, 2]])
+    eager_out = opt.generate(ids, max_new_tokens=5)
+    eager = opt.last_uncertainty[0]
+    path = export_engine(opt, tmp_path / "engine", model_config=opt.model.config.to_dict(), model_name="tiny")
+    ort = tokopt.load_engine(path, uncertainty=True)
+    assert torch.equal(ort.generate(ids, max_new_tokens=5), eager_out)
+    for a, b in zip(ort.last_uncertainty[0], eager):
+        torch.testing.assert_close(torch.tensor(a["prev_attention"]), torch.tensor(b["prev_attention"]),
+                                   atol=1e-4, rtol=1e-4)

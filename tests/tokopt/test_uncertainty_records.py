@@ -44,6 +44,30 @@ def test_records_greedy(opt):
         assert rec["typicality"] == pytest.approx(abs(-rec["logprob"] - rec["entropy"]), abs=1e-9)
 
 
+def eager_prev_attention(model, sequence, layers):
+    """HF eager attention of every position to the one before it: [T, layers, heads]."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(sequence[None], output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    t = torch.arange(1, sequence.shape[0])
+    return torch.stack([att[l][0][:, t, t - 1].T for l in layers], dim=1)  # [T-1, layers, H] for positions 1..
+
+
+def test_records_prev_attention_equal_eager_attention(opt):
+    """RAUQ's input: token t's attention to token t-1 in the tapped layers, for every generated token (the last
+    one too: the loop's tail forward)."""
+    out = opt.generate(PROMPT, max_new_tokens=NEW)
+    layers = opt.graph_module.meta["tokopt"]["attention_tap_layers"]
+    want = eager_prev_attention(opt.model, out[0], layers)
+    n = PROMPT.shape[1]
+    for t, rec in enumerate(opt.last_uncertainty[0]):
+        torch.testing.assert_close(torch.tensor(rec["prev_attention"]), want[n + t - 1], atol=1e-5, rtol=1e-4)
+    assert opt.last_result.forwards == NEW + 1  # prefill, NEW - 1 decode steps, the tail
+
+
 def test_records_sampling_processed_distribution(opt):
     out = opt.generate(PROMPT, max_new_tokens=NEW, do_sample=True, temperature=0.7, top_k=10, top_p=0.9, seed=3)
     records = opt.last_uncertainty[0]
@@ -72,6 +96,20 @@ def test_speculative_records_equal_plain(opt, method):
         assert a["token"] == b["token"] and [i for i, _ in a["topk"]] == [i for i, _ in b["topk"]]
         for key in ("entropy", "logprob", "max_prob", "margin", "self_certainty", "entropy_processed"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        torch.testing.assert_close(torch.tensor(a["prev_attention"]), torch.tensor(b["prev_attention"]),
+                                   atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new", [1, 7])  # 7: the budget ends inside an accepted path
+def test_speculative_prev_attention_of_the_last_token(opt, new):
+    opt.generate(PROMPT, max_new_tokens=new)
+    plain = opt.last_uncertainty[0]
+    spec = opt.with_speculative("lookup")
+    spec.generate(PROMPT, max_new_tokens=new)
+    got = spec.last_uncertainty[0]
+    assert len(got) == len(plain) == new
+    torch.testing.assert_close(torch.tensor(got[-1]["prev_attention"]), torch.tensor(plain[-1]["prev_attention"]),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_speculative_sampling_records_come_from_the_target(opt):
