@@ -22,3 +22,8 @@ __all__ = ["ccp_from_labels", "chosen_logprob", "claim_ccp", "combine_nli", "ent
            "margin", "max_prob", "max_sequence_probability", "mean_entropy", "perplexity", "processed_logits",
            "prr", "rauq", "rauq_layers", "roc_auc", "self_certainty", "token_sar", "topk_logprobs",
            "typical_mask", "typicality_deviation"]
+
+# UQAC (arXiv 2503.19168): attention-chain confidence of an answer span; runs the model (see ``uqac.py``).
+from tokopt.uncertainty.uqac import UQACConfig, uqac  # noqa: E402
+
+__all__ += ["UQACConfig", "uqac"]
