@@ -240,13 +240,16 @@ class SimilarityModel:
             from transformers import AutoModel, AutoTokenizer
             from transformers.utils import logging as hf_logging
 
-            verbosity = hf_logging.get_verbosity()
+            verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
             hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
                 self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
             finally:
                 hf_logging.set_verbosity(verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
         except Exception as exc:
             raise AuxModelError(f"sentence-similarity model in {model_dir} could not be loaded "
                                 f"({type(exc).__name__}: {exc}); expected a BERT directory like "
