@@ -3,7 +3,7 @@ is unsure, keep the most confident one.
 
 At each step the entropy H (nats) of the processed next-token distribution sets the number of trials::
 
-    N = round(1 + (n_max - 1) * clamp((H - 0.01) / (1.5 - 0.01), 0, 1))
+    N = round(1 + (n_max - 1) * clamp((H - 0.01) / (1.5 - 0.01), 0, 1))   (rounded half up)
 
 N == 1: the step takes the sampled (or, with ``do_sample=False``, the greedy) token, exactly as ``generate``
 does. N > 1: N trials each sample a continuation up to and including the first punctuation token (or EOS, or
@@ -49,15 +49,15 @@ def num_trials(entropy_nats: float, n_max: int = 40) -> int:
 
     Example::
 
-        >>> num_trials(0.0), num_trials(0.755, 40), num_trials(9.0, 40)
-        (1, 21, 40)
+        >>> num_trials(0.0), num_trials(1.0, 40), num_trials(9.0, 40)
+        (1, 27, 40)
     """
     if n_max < 1:
         raise TokoptError(f"n_max must be >= 1, got {n_max}")
     if math.isnan(entropy_nats):
         raise TokoptError("the entropy of the next-token distribution is NaN; the logits are not finite")
     scale = min(max((entropy_nats - ENTROPY_LOW) / (ENTROPY_HIGH - ENTROPY_LOW), 0.0), 1.0)
-    return int(round(1 + (n_max - 1) * scale))
+    return int(math.floor(1 + (n_max - 1) * scale + 0.5))  # rounded half up
 
 
 def punctuation_token_ids(tokenizer) -> set:
