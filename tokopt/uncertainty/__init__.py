@@ -27,3 +27,11 @@ __all__ = ["ccp_from_labels", "chosen_logprob", "claim_ccp", "combine_nli", "ent
 from tokopt.uncertainty.uqac import UQACConfig, uqac  # noqa: E402
 
 __all__ += ["UQACConfig", "uqac"]
+
+# CCP and TokenSAR with the offline auxiliary models (``aux_models``; labelled stand-ins, see ``ccp.py`` and
+# ``relevance.py``). Models load lazily, at the first score that needs them.
+from tokopt.uncertainty.aux_models import load_nli, load_similarity  # noqa: E402
+from tokopt.uncertainty.ccp import sequence_ccp, token_ccp  # noqa: E402
+from tokopt.uncertainty.relevance import token_relevance, token_sar_score  # noqa: E402
+
+__all__ += ["load_nli", "load_similarity", "sequence_ccp", "token_ccp", "token_relevance", "token_sar_score"]
