@@ -126,11 +126,13 @@ class CautiousStats:
 
 
 def run_trials(engine, cache, logits, position: int, n: int, *, sampling: SamplingParams, generator=None,
-               max_tokens: int = 16, stop_ids=frozenset(), final_ids=frozenset(), keep_logits: bool = False):
+               max_tokens: int = 16, stop_ids=frozenset(), final_ids=frozenset(), horizon: int | None = None,
+               keep_logits: bool = False):
     """Run ``n`` trials from the pending distribution ``logits`` ``[V]`` (the token at ``position``, not yet in
     ``cache``) as branches over the shared prefix ``cache`` (batch 1). A trial ends after a token in
     ``stop_ids`` (punctuation, EOS) or ``final_ids`` (EOS) or at ``max_tokens`` tokens. Every chain's tokens are
-    fed except a last token in ``final_ids``, so a chosen chain that goes on leaves its next logits.
+    fed, so a chosen chain that goes on leaves its next logits, except a last token that ends the generation
+    anyway: one in ``final_ids`` or the ``horizon``-th token of a chain (the token budget left).
 
     Returns ``(TrialSet, cache, next_logits)``: the cache compacted to the prefix + the chosen chain's fed
     tokens, and the logits ``[V]`` after the chosen chain's last token (None when it was not fed).
@@ -150,8 +152,8 @@ def run_trials(engine, cache, logits, position: int, n: int, *, sampling: Sampli
     last_logits = [None] * n
     forwards = 0
     while True:
-        feed = [i for i in range(n) if fed[i] < len(chains[i]) and not (done[i] and chains[i][-1] in final_ids
-                                                                         and fed[i] == len(chains[i]) - 1)]
+        feed = [i for i in range(n) if fed[i] < len(chains[i]) and not (
+            done[i] and fed[i] == len(chains[i]) - 1 and (chains[i][-1] in final_ids or len(chains[i]) == horizon))]
         if not feed:
             break
         m = len(feed)
@@ -253,7 +255,7 @@ def cautious_generate(engine, input_ids, *, max_new_tokens: int, sampling: Sampl
         else:
             trial_set, cache, next_logits = run_trials(
                 engine, cache, logits, position, n, sampling=sampling, generator=generator,
-                max_tokens=min(max_trial_tokens, budget), stop_ids=punct | eos, final_ids=eos)
+                max_tokens=min(max_trial_tokens, budget), stop_ids=punct | eos, final_ids=eos, horizon=budget)
             forwards += trial_set.forwards
             stats.trial_sets.append(trial_set)
             emitted = trial_set.chains[trial_set.chosen]
