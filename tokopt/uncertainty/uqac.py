@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -121,6 +122,7 @@ class UQACResult:
     - ``kept``: the chain positions kept by the similarity filter (the ones marginalised over).
     - ``answer_span``: the (start, end) response indices of the answer tokens used.
     - ``variants``: sequences marginalised over (the response itself plus the substitutions).
+    - ``substitutions``: ``(response position, token id)`` of each substitution variant.
     """
 
     confidence: float
@@ -130,6 +132,7 @@ class UQACResult:
     kept: tuple
     answer_span: tuple
     variants: int
+    substitutions: tuple = ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,13 +414,14 @@ def uqac(model, tokenizer, prompt_ids, response_ids, answer_span=None, config: U
     span = _default_span(response, tokenizer) if answer_span is None else _check_span(answer_span, response.numel(),
                                                                                         "answer_span")
     n_prompt = prompt.numel()
-    ids = torch.cat([prompt, response])
+    # Nothing after the answer matters to a causal model: every row read is at most the last answer row.
+    ids = torch.cat([prompt, response])[:n_prompt + span[1]]
     n_tokens = ids.numel()
-    answer = list(range(n_prompt + span[0], n_prompt + span[1]))
+    answer = list(range(n_prompt + span[0], n_tokens))
     device = next(model.parameters()).device
     first_row = n_prompt - 1  # the row that predicts the first response token
 
-    # 1. teacher-forced pass with attentions
+    # 1. teacher-forced pass with attentions (its KV cache is reused for the variants' shared prefix)
     old_impl = _attention_implementation(model)
     try:
         try:
@@ -425,7 +429,7 @@ def uqac(model, tokenizer, prompt_ids, response_ids, answer_span=None, config: U
         except Exception as exc:  # transformers raises several kinds
             raise TokoptError(f"uqac needs attention weights, but {type(model).__name__} cannot switch to eager "
                               f"attention: {exc}") from None
-        out = model(ids.unsqueeze(0).to(device), output_attentions=True, output_hidden_states=True, use_cache=False,
+        out = model(ids.unsqueeze(0).to(device), output_attentions=True, output_hidden_states=True, use_cache=True,
                     logits_to_keep=torch.arange(first_row, n_tokens - 1, device=device))
     finally:
         if _attention_implementation(model) != old_impl:
@@ -436,30 +440,59 @@ def uqac(model, tokenizer, prompt_ids, response_ids, answer_span=None, config: U
                           f"{old_impl!r}); uqac needs a model that returns attentions with eager attention")
     att = torch.stack([a[0, :, first_row:, :] for a in attentions]).float().cpu()  # [L, H, rows, T]
     hidden = out.hidden_states[-1][0].float().cpu()
-    probs = torch.softmax(out.logits[0].float(), -1).cpu()  # row i predicts position first_row + i + 1
+    logp0 = torch.log_softmax(out.logits[0].float(), -1).cpu()  # index i: row first_row + i
+    keys = set(out.keys()) if hasattr(out, "keys") else set()
+    cache = out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
+    del out, attentions
 
     # 2-4. attention chain, similarity filter
     reduced = reduce_attention(att, first_row=first_row, config=config)
     tokens = [tokenizer.decode([int(t)]) for t in ids]
-    chain, chain_scores = attention_chain(reduced, tokens, (answer[0], answer[-1] + 1), first_selectable=n_prompt,
+    chain, chain_scores = attention_chain(reduced, tokens, (answer[0], n_tokens), first_selectable=n_prompt,
                                           config=config)
     kept = similarity_filter(hidden, chain, answer, config)
 
-    # 5. variants, one batched forward
+    # 5. variants: the response itself (scored by the first pass) and the substitutions (one batched forward)
     subs = []
     if kept:
-        top = torch.topk(probs[[k - 1 - first_row for k in kept]], config.n_candidates, dim=-1)
+        top = torch.topk(logp0[[k - 1 - first_row for k in kept]].exp(), config.n_candidates, dim=-1)
         subs = substitutions(top.indices.numpy(), top.values.double().numpy(), ids[kept].numpy(), config)
-    batch = ids.unsqueeze(0).repeat(1 + len(subs), 1)
-    for v, (j, token) in enumerate(subs, start=1):
-        batch[v, kept[j]] = token
     targets = answer + kept
-    rows = torch.tensor([p - 1 for p in targets])
-    logits = model(batch.to(device), use_cache=False, logits_to_keep=rows.to(device)).logits.float().cpu()
-    logp = torch.log_softmax(logits, -1)  # [V, len(targets), vocab]
-    picked = logp.gather(-1, batch[:, targets].unsqueeze(-1)).squeeze(-1).double().numpy()
-    log_conf = marginal_log_confidence(picked[:, :len(answer)], picked[:, len(answer):])
-    log_conf = min(log_conf, 0.0)
+    variants = ids.unsqueeze(0).repeat(1 + len(subs), 1)
+    for v, (j, token) in enumerate(subs, start=1):
+        variants[v, kept[j]] = token
+    table = torch.empty(variants.shape[0], len(targets), dtype=torch.float64)
+    prefix = min((kept[j] for j, _ in subs), default=n_tokens)  # tokens shared by every variant
+    for i, p in enumerate(targets):
+        if p - 1 < prefix:  # the row's context is shared: the first pass's distribution serves every variant
+            table[:, i] = logp0[p - 1 - first_row, variants[:, p]].double()
+    late = [i for i, p in enumerate(targets) if p - 1 >= prefix]
+    if subs and late:
+        rows = [targets[i] - 1 for i in late]
+        logp = _variant_logprobs(model, variants[1:], prefix, rows, cache, device)  # [V-1, len(rows), vocab]
+        table[0, late] = logp0[[r - first_row for r in rows], variants[0, [r + 1 for r in rows]]].double()
+        table[1:, late] = logp.gather(-1, variants[1:, [r + 1 for r in rows]].unsqueeze(-1)).squeeze(-1).double()
+    log_conf = min(marginal_log_confidence(table[:, :len(answer)], table[:, len(answer):]), 0.0)
     return UQACResult(confidence=float(math.exp(log_conf)), uncertainty=float(0.0 - log_conf),
                       chain=tuple(p - n_prompt for p in chain), chain_scores=tuple(chain_scores),
-                      kept=tuple(p - n_prompt for p in kept), answer_span=span, variants=int(batch.shape[0]))
+                      kept=tuple(p - n_prompt for p in kept), answer_span=span, variants=int(variants.shape[0]),
+                      substitutions=tuple((kept[j] - n_prompt, token) for j, token in subs))
+
+
+def _variant_logprobs(model, variants: torch.Tensor, prefix: int, rows: list[int], cache, device) -> torch.Tensor:
+    """Log-distributions at ``rows`` of every variant (they agree on their first ``prefix`` tokens), in one batched
+    forward: over the tokens after the shared prefix with the first pass's KV cache cut to the prefix and repeated
+    per variant where the cache allows, else over the whole sequences."""
+    end = max(rows) + 1
+    if cache is not None and hasattr(cache, "crop") and hasattr(cache, "batch_repeat_interleave") \
+            and hasattr(cache, "get_seq_length") and cache.get_seq_length() >= prefix > 0:
+        cache.crop(prefix - cache.get_seq_length())  # a negative count removes that many tokens
+        cache.batch_repeat_interleave(variants.shape[0])
+        keep = torch.tensor([r - prefix for r in rows], device=device)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        logits = model(variants[:, prefix:end].to(device), use_cache=True, logits_to_keep=keep,
+                       **{name: cache}).logits
+    else:
+        logits = model(variants[:, :end].to(device), use_cache=False,
+                       logits_to_keep=torch.tensor(rows, device=device)).logits
+    return torch.log_softmax(logits.float(), -1).cpu()

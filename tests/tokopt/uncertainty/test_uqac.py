@@ -175,11 +175,19 @@ def test_chain_in_a_longer_response(lm):
     assert all(0 <= p < 5 for p in res.chain)
     assert not any(is_stop_token(words[p]) for p in res.chain)
     assert set(res.kept) <= set(res.chain) and res.variants >= 1
-    # the marginal includes the response itself: at least p(answer) * prod p(kept chain tokens) of the original
+    # brute force: every variant through a plain forward, sum of p(answer) * prod p(kept chain tokens)
     n = len(prompt)
     ids = prompt + response
-    original = _answer_logprob(model, ids, [n + 5] + [n + p for p in res.kept])
-    assert math.log(res.confidence) >= original - 1e-4
+    assert res.variants == 1 + len(res.substitutions) and res.variants > 1
+    assert all(pos in res.kept and tok_id != response[pos] for pos, tok_id in res.substitutions)
+    terms = []
+    for pos, tok_id in ((None, None),) + res.substitutions:
+        variant = list(ids)
+        if pos is not None:
+            variant[n + pos] = tok_id
+        terms.append(math.exp(_answer_logprob(model, variant, [n + 5] + [n + p for p in res.kept])))
+    assert res.confidence == pytest.approx(sum(terms), rel=1e-4)
+    assert res.confidence > terms[0]
     # a wrong answer in the same place is less confident
     wrong = list(response)
     wrong[5] = _ids(tok, " Berlin")[0]
@@ -252,3 +260,19 @@ def test_module_docstring_names_the_paper():
     import sys
 
     assert "2503.19168" in sys.modules["tokopt.uncertainty.uqac"].__doc__
+
+
+def test_variant_forward_with_and_without_shared_prefix(lm):
+    from tokopt.uncertainty.uqac import _variant_logprobs
+
+    model, tok = lm
+    ids = torch.tensor(_ids(tok, "Tom has 3 apples and buys 5 more, so he has 8 apples."))
+    variants = ids.unsqueeze(0).repeat(3, 1)
+    variants[1, 6], variants[2, 8] = 11, 12
+    rows = [6, 9, 11]
+    with torch.no_grad():
+        cache = model(ids.unsqueeze(0), use_cache=True).cache
+        shared = _variant_logprobs(model, variants, 6, rows, cache, "cpu")
+        plain = _variant_logprobs(model, variants, 6, rows, None, "cpu")
+        full = torch.log_softmax(model(variants).logits[:, rows].float(), -1)
+    assert torch.allclose(shared, full, atol=1e-4) and torch.allclose(plain, full, atol=1e-4)
