@@ -22,6 +22,26 @@ Index conventions: attention row ``s`` is the query at position ``s``; the distr
 at position ``k`` is the one computed at row ``k - 1``. As in the reference code, a token ``k`` is added to the
 chain through its predicting row, and backtracking continues from row ``k - 1``.
 
+Only response tokens before the answer can join the chain (the prompt is given, as in the reference code). With
+the default answer span (the whole response) the chain is therefore empty and the confidence is the plain
+probability of the response; pass the span of the final answer inside a longer response to use the chain.
+
+Cost: the sequence is cut after the answer; the response itself is scored by the first pass, and the
+substitution variants run as one batch over the tokens after their shared prefix, on the first pass's KV cache.
+
+Differences from the reference code (Yinghao-Li/UQAC), on purpose:
+
+- The row that predicts the first response token (the prompt's last row) is used; the reference zeroes every
+  prompt row, so an answer at the start of a response had no backtracking source there.
+- Recency down-weighting is clipped at position 0 (the reference's indexing wraps around for early rows).
+- Substitution candidates exclude exactly the original token; the reference removes the first column of a row
+  whose original token is not among its top-5 (then a real alternative). The ``max_substitutions`` best
+  non-original alternatives are taken; the reference takes the top (10 + kept chain tokens) entries of the table
+  and then drops the originals, which gives the same set whenever every original is among them.
+- Stopwords: the same English function-word list; punctuation is any token made only of Unicode punctuation
+  (the reference lists 24 characters); tokens are decoded one by one, as in the reference.
+- ``confidence`` is clipped to 1 (sums of products can round just above it).
+
 Example::
 
     model, tok = tokopt.load()
@@ -351,7 +371,8 @@ def _ids(values, name: str) -> torch.Tensor:
             raise TokoptError(f"{name} must be a 1-D sequence of integer token ids, got {type(values).__name__} "
                               f"{str(values)[:60]}") from None
     if t.ndim != 1:
-        raise TokoptError(f"{name} must be 1-D token ids (one sequence, no batch dimension), got shape {tuple(t.shape)}")
+        raise TokoptError(f"{name} must be 1-D token ids (one sequence, no batch dimension), "
+                          f"got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise TokoptError(f"{name} is empty: need at least one token")
     if (t < 0).any():
