@@ -3,6 +3,8 @@
 Methods (``tokopt.optimize(model, speculative=NAME)``):
 
 - ``recycling``: Token Recycling, training-free; tree size chosen from measured latency (hardware-aware).
+- ``recycling-entropy``: the same, each step's tree sized by the target's current entropy (per-bucket acceptance
+  statistics: big trees after confident tokens, root-only steps after uncertain ones).
 - ``lookup``: prompt lookup (n-gram continuations from the prompt and output).
 - ``draft``: a draft model's chain (a smaller model sharing the tokenizer, or by default the target itself
   with middle layers skipped: self-speculative, no second model).
@@ -27,9 +29,10 @@ from dataclasses import dataclass, field
 from tokopt.errors import TokoptError
 from tokopt.models import cache_dir, model_fingerprint
 from tokopt.runtime.speculative.drafters.lookup import LookupConfig, PromptLookup
+from tokopt.runtime.speculative.drafters.entropy_sized import DEFAULT_EDGES
 from tokopt.runtime.speculative.drafters.recycling import RecyclingConfig, TokenRecycling
 
-METHODS = ("recycling", "lookup", "draft", "dyspec", "rsd", "specdec++")
+METHODS = ("recycling", "recycling-entropy", "lookup", "draft", "dyspec", "rsd", "specdec++")
 DRAFT_MODEL_METHODS = ("draft", "dyspec", "rsd", "specdec++")
 
 
@@ -42,6 +45,7 @@ class SpeculativeConfig:
     budget: int | str = "auto"
     max_nodes: int = 32  # largest tree "auto" considers
     recycling: RecyclingConfig = field(default_factory=RecyclingConfig)
+    entropy_edges: tuple = DEFAULT_EDGES  # recycling-entropy: entropy buckets (nats)
     lookup: LookupConfig = field(default_factory=LookupConfig)
     draft_model: object = None  # a model, name or path sharing the tokenizer; None: self-speculative draft
     draft_layers: tuple | None = None  # self-speculative draft's kept layers (default: self_draft_layers)
@@ -124,9 +128,13 @@ def build_drafter(config: SpeculativeConfig, *, engine, target_model=None, token
     (for the self-speculative draft and fingerprints) or ``config.draft_model``."""
     method = config.method
     budget = None if config.budget == "auto" else config.budget
-    if method == "recycling":
+    if method in ("recycling", "recycling-entropy"):
         rc = config.recycling if budget is None else RecyclingConfig(**{**config.recycling.__dict__, "budget": budget})
-        drafter = TokenRecycling(engine.spec.vocab_size, rc)
+        if method == "recycling":
+            drafter = TokenRecycling(engine.spec.vocab_size, rc)
+        else:
+            from tokopt.runtime.speculative.drafters.entropy_sized import EntropySizedRecycling
+            drafter = EntropySizedRecycling(engine.spec.vocab_size, rc, config.entropy_edges)
         if budget is None:
             from tokopt.runtime.speculative.tree_size import latency_profile
 

@@ -58,6 +58,15 @@ class SpeculativeStats:
                 "draft_s": self.draft_s, "verify_s": self.verify_s, "host_s": self.host_s}
 
 
+def _entropy_of_rows(out, rows: torch.Tensor) -> list:
+    """Per batch row b, the entropy at logits row ``rows[b]``: the graph's tap, else from the logits."""
+    batch = torch.arange(rows.shape[0])
+    if "entropy" in out.extras:
+        return out.extras["entropy"][batch, rows].tolist()
+    logp = out.logits[batch, rows].float().log_softmax(-1)
+    return (-(logp.exp() * logp).sum(-1)).tolist()
+
+
 class _Rows:
     """Per-row emitted tokens, taps and stop state."""
 
@@ -113,6 +122,8 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
     prefill_s = time.perf_counter() - start
     positions = prompt_valid.sum(-1)
 
+    if drafter.wants_root_entropy:
+        drafter.root_entropy(_entropy_of_rows(out, torch.full((batch,), out.logits.shape[1] - 1)))
     input_taps = [name for name in INPUT_TOKEN_TAPS if name in out.extras]
     tail = [None] * batch  # per row: input-token taps of its last emitted token, once a verify row computed them
     while not all(rows.finished):
@@ -163,6 +174,8 @@ def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max
             index[b, : len(path)] = torch.tensor(path)
             index_valid[b, : len(path)] = True
             positions[b] += len(path)
+        if drafter.wants_root_entropy:  # the row that chose each next root: the accepted path's last node
+            drafter.root_entropy(_entropy_of_rows(out, torch.tensor([v.path[-1] if v else 0 for v in verdicts])))
         cache = cache.compact_tail(old_length, index, index_valid)
         if cache.dead_slots() >= max(DROP_DEAD_MIN, DROP_DEAD_SHARE * cache.length):
             cache = cache.drop_dead()

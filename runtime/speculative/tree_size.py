@@ -127,8 +127,8 @@ def latency_profile(engine, model_key: str, max_nodes: int = 32, past: int = 256
     return profile
 
 
-def best_size(curve, profile: LatencyProfile, extra_nodes: int = 0) -> int:
-    """The number of draft nodes n (>= 1) maximizing ``curve[n] / profile(n + 1 + extra_nodes)``
+def best_size(curve, profile: LatencyProfile, extra_nodes: int = 0, min_size: int = 1) -> int:
+    """The number of draft nodes n (>= ``min_size``) maximizing ``curve[n] / profile(n + 1 + extra_nodes)``
     (``extra_nodes``: nodes the tree carries besides the n sized here, e.g. merged lookup guesses)."""
-    rates = [(curve[n] / profile(n + 1 + extra_nodes), n) for n in range(1, len(curve))]
+    rates = [(curve[n] / profile(n + 1 + extra_nodes), n) for n in range(min_size, len(curve))]
     return max(rates)[1]

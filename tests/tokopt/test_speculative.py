@@ -9,7 +9,7 @@ from tokopt.speculative import METHODS, SpeculativeConfig
 
 
 def test_method_names_are_the_documented_ones():
-    assert METHODS == ("recycling", "lookup", "draft", "dyspec", "rsd", "specdec++")
+    assert METHODS == ("recycling", "recycling-entropy", "lookup", "draft", "dyspec", "rsd", "specdec++")
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -1,8 +1,9 @@
 """The interface every drafter has, and the trie insert drafters share.
 
-The decode loop calls, per ``generate``: ``start`` once; then per step ``draft`` (one tree per row),
-``observe`` (the target's logits at every verified node; also at every prompt position when
-``wants_prefill_logits``) and ``feedback`` (the trees and verdicts, for acceptance statistics).
+The decode loop calls, per ``generate``: ``start`` once; then per step ``root_entropy`` (when
+``wants_root_entropy``), ``draft`` (one tree per row), ``observe`` (the target's logits at every verified node;
+also at every prompt position when ``wants_prefill_logits``) and ``feedback`` (the trees and verdicts, for
+acceptance statistics).
 
 Example::
 
@@ -20,6 +21,7 @@ from tokopt.runtime.sampling import SamplingParams
 class Drafter:
     name = "drafter"
     wants_prefill_logits = False
+    wants_root_entropy = False  # the loop then calls root_entropy before every draft
 
     def start(self, prompts: list, sampling: SamplingParams) -> None:
         """A new ``generate`` call: ``prompts`` are the rows' unpadded prompt token lists."""
@@ -28,6 +30,10 @@ class Drafter:
     def draft(self, histories: list) -> list:
         """One ``DraftTree`` per row; ``histories[b]`` is row b's prompt plus emitted tokens (root last)."""
         raise NotImplementedError
+
+    def root_entropy(self, entropies: list) -> None:
+        """Per row, the entropy (nats) of the target distribution that chose the row's root token (the next
+        draft's root): the graph's ``entropy`` tap when there is one."""
 
     def observe(self, tokens, logits, valid) -> None:
         """The target's logits ``[B, N, V]`` at input tokens ``[B, N]`` (``valid`` ``[B, N]``)."""

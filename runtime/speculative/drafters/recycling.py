@@ -92,14 +92,15 @@ class TokenRecycling(Drafter):
         self._ngrams = [NgramIndex(3, 1) for _ in prompts] if self.config.lookup_nodes else []
 
     def draft(self, histories):
-        trees, self._snapshots = [], []
-        for b, history in enumerate(histories):
-            tree = self._fill(history[-1])
-            if self.config.lookup_nodes:
-                self._merge_lookup(tree, b, history)
-            self._snapshots.append(self._adj[tree[0]].copy())
-            trees.append(DraftTree(*tree))
-        return trees
+        self._snapshots = []
+        return [self._draft_row(b, history) for b, history in enumerate(histories)]
+
+    def _draft_row(self, b, history) -> DraftTree:
+        tree = self._fill(history[-1])
+        if self.config.lookup_nodes:
+            self._merge_lookup(tree, b, history)
+        self._snapshots.append(self._adj[tree[0]].copy())
+        return DraftTree(*tree)
 
     def _fill(self, root: int):
         tokens, parents = [root], [-1]
@@ -131,16 +132,20 @@ class TokenRecycling(Drafter):
         self.adj[tokens[valid]] = top[valid]
 
     def feedback(self, trees, verdicts):
-        for tree, verdict, cand in zip(trees, verdicts, self._snapshots):
+        for b, (tree, verdict, cand) in enumerate(zip(trees, verdicts, self._snapshots)):
             if verdict is None:
                 continue
             emitted = tree.path_tokens(verdict.path[1:]) + [verdict.next_token]
             for depth, (node, nxt) in enumerate(zip(verdict.path, emitted), start=1):
                 hit = np.flatnonzero(cand[node] == nxt)
-                self.stats.record(depth, int(hit[0]) if hit.size else None)
+                self._stats_of_row(b).record(depth, int(hit[0]) if hit.size else None)
         self._steps += 1
         if self._steps % self.config.reshape_every == 0:
             self._reshape()
+
+    def _stats_of_row(self, b: int) -> RankAcceptance:
+        """The acceptance statistics row b's last tree was shaped by."""
+        return self.stats
 
     def state_bytes(self) -> int:
         return self.adj.numel() * self.adj.element_size()
