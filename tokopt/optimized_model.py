@@ -116,6 +116,36 @@ class OptimizedModel:
 
         return token_records(self.last_result)
 
+    def sequence_uncertainty(self, estimators=None, *, answer_spans=None, **context) -> list[dict]:
+        """Per row of the last ``generate`` (``uncertainty=True``), sequence scores by estimator name (higher =
+        more uncertain; see ``tokopt.uncertainty.estimators``). The prompt, tokenizer and PyTorch model are filled
+        in; ``context`` overrides ``ScoringContext`` fields (e.g. ``rauq_alpha``, ``nli``); ``answer_spans``: per
+        row, the answer's (start, end) in the generated tokens (UQAC).
+
+        Example::
+
+            opt = tokopt.optimize(model, uncertainty=True); opt.generate(ids, max_new_tokens=16)
+            opt.sequence_uncertainty(("msp", "rauq", "ccp"))   # [{'msp': -0.31, 'rauq': 1.2, 'ccp': -0.5}]
+        """
+        from tokopt.errors import TokoptError
+        from tokopt.uncertainty.estimators import DEFAULT_ESTIMATORS, ScoringContext, score_sequence
+
+        records = self.last_uncertainty
+        if records is None:
+            raise TokoptError("no uncertainty records: create the model with uncertainty=True and call generate "
+                              "first")
+        ids, mask = self._last_prompt
+        ids = ids[None] if ids.dim() == 1 else ids
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+        scores = []
+        for b, rows in enumerate(records):
+            prompt = ids[b][valid[b]]
+            ctx = ScoringContext(**{"tokenizer": self.tokenizer, "model": self.model, "prompt_ids": prompt,
+                                    "prompt_text": self.tokenizer.decode(prompt.tolist()) if self.tokenizer else "",
+                                    "answer_span": answer_spans[b] if answer_spans else None, **context})
+            scores.append(score_sequence(rows, estimators or DEFAULT_ESTIMATORS, ctx))
+        return scores
+
     @property
     def spec(self):
         return self.engine.spec
@@ -150,6 +180,7 @@ class OptimizedModel:
             token_stats=self.uncertainty,
         )
         self.last_result = result
+        self._last_prompt = (torch.as_tensor(input_ids), attention_mask)
         return result.sequences
 
     def __repr__(self) -> str:

@@ -35,3 +35,8 @@ from tokopt.uncertainty.ccp import sequence_ccp, token_ccp  # noqa: E402
 from tokopt.uncertainty.relevance import token_relevance, token_sar_score  # noqa: E402
 
 __all__ += ["load_nli", "load_similarity", "sequence_ccp", "token_ccp", "token_relevance", "token_sar_score"]
+
+# Sequence scores by estimator name, with clear errors for what an estimator needs (``estimators.py``).
+from tokopt.uncertainty.estimators import ESTIMATORS, ScoringContext, score_sequence  # noqa: E402
+
+__all__ += ["ESTIMATORS", "ScoringContext", "score_sequence"]
