@@ -87,7 +87,8 @@ def entropy_curve(engine, prompt_ids, steps, answer_ids) -> EntropyCurve:
     steps = [_ids(s, f"steps[{i}]") for i, s in enumerate(steps)]
     answer = _ids(answer_ids, "answer_ids")
     vocab = engine.spec.vocab_size
-    for what, ids in [("prompt_ids", prompt), ("answer_ids", answer)] + [(f"steps[{i}]", s) for i, s in enumerate(steps)]:
+    named = [("prompt_ids", prompt), ("answer_ids", answer)] + [(f"steps[{i}]", s) for i, s in enumerate(steps)]
+    for what, ids in named:
         if min(ids) < 0 or max(ids) >= vocab:
             raise TokoptError(f"{what} holds ids outside the vocabulary [0, {vocab}): {min(ids)}..{max(ids)}")
     prefix = prompt + [t for s in steps for t in s]

@@ -31,8 +31,8 @@ def case(tokenizer):
 
 def test_split_steps(tokenizer, case):
     _, steps, _ = case
-    assert [tokenizer.decode(s) for s in steps] == [" Six times seven means six sevens.", " Seven, fourteen, twenty-one.\n",
-                                                   "So it is 42."]
+    assert [tokenizer.decode(s) for s in steps] == [
+        " Six times seven means six sevens.", " Seven, fourteen, twenty-one.\n", "So it is 42."]
     assert split_steps(tokenizer, "  \n") == []
     with pytest.raises(TokoptError, match="str"):
         split_steps(tokenizer, [1, 2])
