@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "HF greedy and HF prompt lookup per Spec-Bench category; --engines then takes eager,onnx")
     b.add_argument("--per-category", type=int, default=2, help="questions per category (speculative suite)")
     b.add_argument("--budget", default="auto", metavar="N", help="draft nodes per step, or 'auto' (speculative suite)")
+    b.add_argument("--suite", default="speed", choices=["speed", "uncertainty"],
+                   help="speed (default): tokens/s; uncertainty: PRR/ROC-AUC of every uncertainty estimator on "
+                        "questions with checkable answers, and the taps' cost")
+    b.add_argument("--per-kind", type=int, default=40,
+                   help="uncertainty suite: questions per kind (capitals, arithmetic, cloze with --corpus)")
+    b.add_argument("--corpus", default=None, metavar="TEXT",
+                   help="uncertainty suite: a text file (one sentence per line) for next-word cloze questions")
+    b.add_argument("--estimators", default=None, metavar="NAMES",
+                   help="uncertainty suite: comma-separated estimators (default: all)")
     _add_passes(b)
 
     t = sub.add_parser("train-specdec", help="train the SpecDec++ acceptance head for a target/draft pair",
@@ -250,6 +259,16 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from tokopt.bench import BenchConfig, run_bench
 
+    if args.suite == "uncertainty":
+        from tokopt.bench_uncertainty import ESTIMATORS_BENCHED, UncertaintyBenchConfig, run_uncertainty_bench
+        from tokopt.uncertainty.estimators import check_estimators
+
+        estimators = ESTIMATORS_BENCHED if not args.estimators else check_estimators(
+            tuple(e.strip() for e in args.estimators.split(",") if e.strip()))
+        out = args.out if args.out != "bench/out" else "bench/out/uncertainty_quality"
+        run_uncertainty_bench(UncertaintyBenchConfig(model=args.model, per_kind=args.per_kind, corpus=args.corpus,
+                                                     estimators=estimators, overhead_repeats=args.repeats, out=out))
+        return 0
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     passes = _config(args).passes
     if args.speculative:

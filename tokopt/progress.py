@@ -28,3 +28,16 @@ def progress_step(message: str):
     yield
     if not quiet():
         print(f"tokopt: {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def progress_bar(iterable, desc: str, unit: str = "it"):
+    """``iterable`` with a tqdm bar on stderr (none under ``TOKOPT_QUIET``).
+
+    Example::
+
+        for batch in progress_bar(batches, desc="answering", unit="batch"):
+            ...
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=f"tokopt: {desc}", unit=unit, disable=quiet())
