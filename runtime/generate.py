@@ -106,12 +106,35 @@ def prompt_inputs(input_ids, attention_mask, max_new_tokens, max_positions):
     return input_ids, prompt_valid
 
 
+def check_interventions(interventions, batch: int, max_new_tokens: int, vocab_size: int) -> dict:
+    """``{step: token}`` or ``{step: [token or None per row]}`` -> ``{step: [B] tensor, -1 = keep}``, checked."""
+    from tokopt.errors import TokoptError
+
+    out = {}
+    for step, value in (interventions or {}).items():
+        if not isinstance(step, int) or not 0 <= step < max_new_tokens:
+            raise TokoptError(f"intervention step {step!r} must be an int in [0, max_new_tokens={max_new_tokens})")
+        row_values = [value] * batch if isinstance(value, int) else list(value)
+        if len(row_values) != batch:
+            raise TokoptError(f"intervention at step {step} gives {len(row_values)} tokens for {batch} rows; give one "
+                              "token id for all rows, or one per row (None keeps that row's token)")
+        for v in row_values:
+            if v is not None and (not isinstance(v, int) or not 0 <= v < vocab_size):
+                raise TokoptError(f"intervention token {v!r} at step {step} is not a token id in [0, {vocab_size})")
+        out[step] = torch.tensor([-1 if v is None else v for v in row_values], dtype=torch.long)
+    return out
+
+
 def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampling=SamplingParams(),
              eos_token_ids=(), pad_token_id=None, stop_strings=(), tokenizer=None,
-             token_stats: bool = False) -> GenerationResult:
+             token_stats: bool = False, interventions=None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per row (see module docstring). ``token_stats``: also record the
-    chosen token's log-probability and the processed distribution's uncertainty (runtime.token_uncertainty)."""
+    chosen token's log-probability and the processed distribution's uncertainty (runtime.token_uncertainty).
+    ``interventions``: ``{step: token}`` (or a token per row, None = keep) forced at that generated step; with
+    ``sampling.gumbel_seed`` the steps before are unchanged and the rest is the counterfactual continuation under
+    the same noise."""
     input_ids, prompt_valid = prompt_inputs(input_ids, attention_mask, max_new_tokens, engine.spec.max_positions)
+    forced = check_interventions(interventions, input_ids.shape[0], max_new_tokens, engine.spec.vocab_size)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(eos_token_ids[0]) if len(eos_token_ids) else 0)
     stopper = StopStrings(stop_strings, tokenizer)
@@ -127,6 +150,8 @@ def generate(engine, input_ids, attention_mask=None, *, max_new_tokens=64, sampl
     steps, taps, forwards = [], {}, 1
     for step in range(max_new_tokens):
         token = next_token(out.logits[:, -1], sampling, generator, positions=positions)
+        if step in forced:
+            token = torch.where(forced[step] >= 0, forced[step], token)
         token = torch.where(finished, torch.full_like(token, pad), token)
         steps.append(token)
         for name, value in out.extras.items():

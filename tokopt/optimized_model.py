@@ -153,13 +153,21 @@ class OptimizedModel:
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
                  stop_strings=None, tokenizer=None, eos_token_id=None, pad_token_id=None, typical_p: float = 1.0,
-                 gumbel_seed: int | None = None) -> torch.Tensor:
+                 gumbel_seed: int | None = None, interventions: dict | None = None) -> torch.Tensor:
         """Generate like HF ``generate``: returns ``[B, T + new]`` ids (prompt, then new tokens, padded).
 
         ``input_ids`` is ``[B, T]`` (left-padded, with ``attention_mask``) or ``[T]``. Greedy unless
         ``do_sample``; ``seed`` makes sampling repeatable. ``typical_p`` < 1: Locally Typical Sampling.
         ``gumbel_seed``: counterfactual sampling (Gumbel-max with noise keyed on row and position: a replay with
-        the same seed gives the same tokens, also under speculative decoding). Details: ``self.last_result``.
+        the same seed gives the same tokens, also under speculative decoding). ``interventions``: ``{step: token}``
+        (or one token per row, None = keep) forced at those generated steps — with ``gumbel_seed``, a
+        counterfactual: the tokens before are unchanged, the rest follows the same noise (plain decoding runs
+        these calls; speculative decoding would give the same tokens). Details: ``self.last_result``.
+
+        Example::
+
+            base = opt.generate(ids, do_sample=True, gumbel_seed=7, max_new_tokens=20)
+            what_if = opt.generate(ids, do_sample=True, gumbel_seed=7, max_new_tokens=20, interventions={5: tok_id})
         """
         if isinstance(input_ids, str):
             raise PromptError("generate() takes token ids; use tokopt.runtime.prompts.encode_prompts(tokenizer, "
@@ -168,7 +176,10 @@ class OptimizedModel:
             raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.defaults.eos_token_ids if eos_token_id is None else (
             tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
-        run = generate if self.drafter is None else partial(speculative_generate, drafter=self.drafter)
+        if interventions:
+            run = partial(generate, interventions=interventions)
+        else:
+            run = generate if self.drafter is None else partial(speculative_generate, drafter=self.drafter)
         result = run(
             self.engine, input_ids, attention_mask,
             max_new_tokens=max_new_tokens,

@@ -73,3 +73,30 @@ def test_gumbel_draws_follow_the_processed_distribution():
         chi2 = float((((counts - expected) ** 2 / expected)[keep]).sum())
         dof = int(keep.sum()) - 1
         assert (chi2 < dof + 4 * np.sqrt(2 * dof) + 10) == should_fit, (temperature, chi2, dof)
+
+
+def test_counterfactual_intervention_keeps_the_past_and_replays(opt):
+    kw = dict(max_new_tokens=14, do_sample=True, temperature=1.5, top_k=0, eos_token_id=[], gumbel_seed=21)
+    base = opt.generate(PROMPT, **kw)
+    n, t = PROMPT.shape[1], 6
+    other = (int(base[0, n + t]) + 1) % 256
+    what_if = opt.generate(PROMPT, interventions={t: other}, **kw)
+    assert torch.equal(what_if[0, : n + t], base[0, : n + t])  # before the intervention: unchanged
+    assert int(what_if[0, n + t]) == other
+    assert not torch.equal(what_if, base)
+    assert torch.equal(opt.generate(PROMPT, interventions={t: other}, **kw), what_if)  # replayable
+    # the speculative model runs the intervention too (plain loop), with the same result
+    assert torch.equal(opt.with_speculative("lookup").generate(PROMPT, interventions={t: other}, **kw), what_if)
+
+
+def test_intervention_per_row_and_bad_input(opt):
+    from tokopt.errors import TokoptError
+
+    ids = torch.cat([PROMPT, PROMPT])
+    base = opt.generate(ids, max_new_tokens=5)
+    out = opt.generate(ids, max_new_tokens=5, interventions={2: [None, 7]})
+    n = PROMPT.shape[1]
+    assert torch.equal(out[0], base[0]) and int(out[1, n + 2]) == 7
+    for bad, needle in (({9: 1}, "step 9"), ({1: 10 ** 6}, "not a token id"), ({1: [1, 2, 3]}, "3 tokens for 2 rows")):
+        with pytest.raises(TokoptError, match=needle):
+            opt.generate(ids, max_new_tokens=5, interventions=bad)
