@@ -50,8 +50,13 @@ def summary_line(records, tokenizer=None) -> str:
     ent = [r["entropy"] for r in records]
     worst = min(records, key=lambda r: r["logprob"])
     high = sum(level(e)[0] == "high" for e in ent) / len(ent)
-    return (f"{len(records)} tokens: mean entropy {sum(ent) / len(ent):.2f} nats, {high:.0%} high-entropy, "
+    line = (f"{len(records)} tokens: mean entropy {sum(ent) / len(ent):.2f} nats, {high:.0%} high-entropy, "
             f"least likely token {_name(worst['token'], tokenizer)} (log p {worst['logprob']:.2f})")
+    if "prev_attention" in records[0]:
+        from tokopt.uncertainty.estimators import score_sequence
+
+        line += f", RAUQ {score_sequence(records, ('rauq',))['rauq']:.2f}"
+    return line
 
 
 def _name(token: int, tokenizer) -> str:

@@ -37,6 +37,9 @@ def test_html_report_escapes_and_colours(tokenizer):
     assert page.count('<span style="background:') == len(recs) + 3  # tokens + legend
     assert "<big>" not in page and "&lt;" in page and "&amp;" in page  # the answer's own text is escaped
     assert summary_line(recs, tokenizer).startswith(f"{len(recs)} tokens: mean entropy")
+    assert "RAUQ" not in summary_line(recs, tokenizer)  # no attention taps in these records
+    with_attention = [dict(r, prev_attention=[[0.5, 0.2]]) for r in recs]
+    assert "RAUQ" in summary_line(with_attention, tokenizer)
 
 
 @pytest.fixture(scope="module")
