@@ -116,6 +116,31 @@ class OptimizedModel:
 
         return token_records(self.last_result)
 
+    def generate_cautious(self, input_ids, *, max_new_tokens: int = 64, n_max: int = 40, max_trial_tokens: int = 16,
+                          temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
+                          eos_token_id=None) -> torch.Tensor:
+        """Cautious Next Token Prediction (``runtime.cautious``): where the model is unsure, sample up to
+        ``n_max`` continuations to the next punctuation as branches over one shared prefix KV cache and keep the
+        most confident; returns ``[1, T + new]`` ids (batch 1). Per-step trials: ``self.last_result.stats``.
+
+        Example::
+
+            out = opt.generate_cautious(ids, max_new_tokens=48, seed=0)
+            opt.last_result.stats.trials          # e.g. [1, 1, 12, 1, 40, ...]
+        """
+        from tokopt.errors import TokoptError
+        from tokopt.runtime.cautious import cautious_generate
+
+        if self.tokenizer is None:
+            raise TokoptError("generate_cautious needs the tokenizer (trials end at punctuation tokens)")
+        eos = self.defaults.eos_token_ids if eos_token_id is None else (
+            tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
+        result = cautious_generate(self.engine, input_ids, max_new_tokens=max_new_tokens, n_max=n_max,
+                                   max_trial_tokens=max_trial_tokens, tokenizer=self.tokenizer, eos_token_ids=eos,
+                                   sampling=SamplingParams(True, temperature, top_k, top_p, seed), seed=seed)
+        self.last_result = result
+        return result.sequences
+
     def sequence_uncertainty(self, estimators=None, *, answer_spans=None, **context) -> list[dict]:
         """Per row of the last ``generate`` (``uncertainty=True``), sequence scores by estimator name (higher =
         more uncertain; see ``tokopt.uncertainty.estimators``). The prompt, tokenizer and PyTorch model are filled

@@ -167,3 +167,12 @@ def test_errors(opt, ids):
                           sampling=SamplingParams(do_sample=True, gumbel_seed=1))
     with pytest.raises(TokoptError, match="max_trial_tokens"):
         cautious_generate(opt.engine, ids, max_new_tokens=2, punctuation_ids=(), max_trial_tokens=0)
+
+
+def test_optimized_model_generate_cautious(opt, ids, tokenizer, cautious_runs):
+    """``opt.generate_cautious`` runs the same loop (same seed, same settings: same tokens)."""
+    opt.tokenizer = tokenizer
+    out = opt.generate_cautious(ids, max_new_tokens=8, n_max=3, max_trial_tokens=3, temperature=1.3, top_k=50,
+                                seed=5, eos_token_id=[])
+    assert torch.equal(out, cautious_runs[0].sequences)
+    assert opt.last_result.stats.trials == cautious_runs[0].stats.trials

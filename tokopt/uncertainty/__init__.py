@@ -1,4 +1,6 @@
-"""Uncertainty scoring: pure reference functions, no graph and no runtime (design note: uncertainty.md).
+"""Uncertainty scoring (design note: uncertainty.md): pure reference functions over the taps' records, the
+estimators that run an auxiliary model or the LM itself (CCP, TokenSAR, UQAC, conditional entropy reduction),
+and their evaluation.
 
 - ``logit_stats``: per-row statistics of logits ``[..., V]`` in float64 — ``entropy``, ``max_prob``, ``margin``,
   ``topk_logprobs`` (k <= 20), ``self_certainty``, ``chosen_logprob``, ``typicality_deviation``; the processed
@@ -40,3 +42,8 @@ __all__ += ["load_nli", "load_similarity", "sequence_ccp", "token_ccp", "token_r
 from tokopt.uncertainty.estimators import ESTIMATORS, ScoringContext, score_sequence  # noqa: E402
 
 __all__ += ["ESTIMATORS", "ScoringContext", "score_sequence"]
+
+# Conditional entropy reduction over reasoning steps (one forward of probes over a shared prefix cache).
+from tokopt.uncertainty.entropy_reduction import EntropyCurve, entropy_curve, split_steps  # noqa: E402
+
+__all__ += ["EntropyCurve", "entropy_curve", "split_steps"]
