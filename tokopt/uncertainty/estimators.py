@@ -37,23 +37,32 @@ from tokopt.uncertainty import sequence_scores as ss
 LOGIT_ESTIMATORS = ("msp", "perplexity", "mean_entropy", "max_entropy", "self_certainty")
 ESTIMATORS = (*LOGIT_ESTIMATORS, "rauq", "ccp", "token_sar", "uqac")
 DEFAULT_ESTIMATORS = (*LOGIT_ESTIMATORS, "rauq")  # the ones that cost nothing beyond the taps
-RAUQ_ALPHA = 0.2  # the paper's value for base models (0.5 for instruction-tuned ones)
+RAUQ_ALPHA_BASE, RAUQ_ALPHA_INSTRUCT = 0.2, 0.5  # the paper's values for base and instruction-tuned models
 
 
 @dataclass
 class ScoringContext:
     """What estimators beyond the logit taps need: the ``tokenizer`` (ccp, token_sar, uqac), the prompt as
     ``prompt_text`` (ccp, token_sar) and ``prompt_ids`` (uqac), the PyTorch ``model`` (uqac), the answer's
-    ``answer_span`` in the generated tokens (uqac; default: all of them), and RAUQ's ``rauq_alpha``."""
+    ``answer_span`` in the generated tokens (uqac; default: all of them), and RAUQ's ``rauq_alpha`` (default: the
+    paper's 0.5 for a chat model, i.e. a tokenizer with a chat template, else 0.2)."""
 
     tokenizer: object = None
     prompt_text: str = ""
     prompt_ids: object = None
     model: object = None
     answer_span: tuple | None = None
-    rauq_alpha: float = RAUQ_ALPHA
+    rauq_alpha: float | None = None
     nli: object = None  # ccp's NLI model (default: the offline aux model)
     similarity: object = None  # ccp's and token_sar's sentence model (default: the offline aux model)
+
+
+def rauq_alpha(context: ScoringContext) -> float:
+    """The context's alpha, else 0.5 for instruction-tuned (chat-template) models and 0.2 for base ones."""
+    if context.rauq_alpha is not None:
+        return float(context.rauq_alpha)
+    chat = bool(getattr(context.tokenizer, "chat_template", None))
+    return RAUQ_ALPHA_INSTRUCT if chat else RAUQ_ALPHA_BASE
 
 
 def check_estimators(estimators, records=None, context: ScoringContext | None = None) -> tuple:
@@ -114,7 +123,7 @@ def score_sequence(records, estimators=DEFAULT_ESTIMATORS, context: ScoringConte
             out[name] = -float(np.mean([r["self_certainty"] for r in records]))
         elif name == "rauq":
             att = np.array([r["prev_attention"] for r in records], dtype=np.float64)  # [T, layers, heads]
-            out[name] = ss.rauq(np.exp(logprobs), att.transpose(1, 2, 0), alpha=context.rauq_alpha)
+            out[name] = ss.rauq(np.exp(logprobs), att.transpose(1, 2, 0), alpha=rauq_alpha(context))
         elif name == "ccp":
             from tokopt.uncertainty.ccp import sequence_ccp
             out[name] = sequence_ccp(records, context.tokenizer, context.prompt_text, context.nli,

@@ -46,6 +46,14 @@ def test_rauq_reads_attention_as_layers_heads_tokens():
         ss.rauq(p, att, alpha=0.5))
 
 
+def test_rauq_alpha_follows_the_model_kind(tokenizer):
+    from tokopt.uncertainty.estimators import rauq_alpha
+
+    assert rauq_alpha(ScoringContext()) == 0.2  # base model (no chat template known)
+    assert tokenizer.chat_template and rauq_alpha(ScoringContext(tokenizer=tokenizer)) == 0.5  # SmolLM2-Instruct
+    assert rauq_alpha(ScoringContext(tokenizer=tokenizer, rauq_alpha=0.3)) == 0.3
+
+
 def test_unknown_estimator_lists_the_known_ones():
     with pytest.raises(TokoptError, match="unknown uncertainty estimator.*'entropyy'.*known: msp"):
         check_estimators(("msp", "entropyy"))
