@@ -113,8 +113,7 @@ def quality_table(scores: dict, correct: np.ndarray, n_boot: int, seed: int) -> 
     from tokopt.uncertainty.evaluation import prr, roc_auc
 
     rows = {}
-    rng = np.random.default_rng(seed)
-    controls = {"random": rng.random(len(correct))}
+    controls = {"random": np.random.default_rng([seed, 7]).random(len(correct))}  # a stream of its own
     for name, values in {**scores, **controls}.items():
         s = np.asarray(values, dtype=np.float64)
         q = correct.astype(np.float64)
