@@ -168,6 +168,7 @@ class NLIModel:
                 dim.ClearField("dim_value")
                 dim.dim_param = "sequence"
             options = ort.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared cores: no busy-wait
             if threads:
                 options.intra_op_num_threads = threads
             self.session = ort.InferenceSession(graph.SerializeToString(), options,
