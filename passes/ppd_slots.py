@@ -66,7 +66,7 @@ def ppd_slots(gm: torch.fx.GraphModule):
     weight = embed.args[0]
     weight_val = weight.meta.get("val") if hasattr(weight, "meta") else None
     vocab, hidden = meta["spec"].vocab_size, (weight_val.shape[1] if weight_val is not None else None)
-    table = meta.get("ppd_prompt_embeddings")
+    table = meta.pop("ppd_prompt_embeddings", None)
     trained = table is not None
     if table is None:
         table = torch.zeros(DEFAULT_K, hidden, dtype=meta["spec"].torch_dtype)

@@ -323,7 +323,8 @@ def cmd_passes(args) -> int:
 
 
 # Modules that define further subcommands: ``add_parser(sub)`` adds them with ``set_defaults(handler=fn)``.
-SUBCOMMAND_MODULES: list[str] = ["tokopt.moe.cli_plan", "tokopt.moe.cli_place", "tokopt.moe.cli_trace"]
+SUBCOMMAND_MODULES: list[str] = ["tokopt.moe.cli_plan", "tokopt.moe.cli_place", "tokopt.moe.cli_trace",
+                                 "tokopt.cli_ppd"]
 
 COMMANDS = {"generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "train-specdec": cmd_train_specdec,
             "passes": cmd_passes}

@@ -46,7 +46,7 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
              uncertainty: bool = False) -> OptimizedModel:
     """Capture ``model`` (a loaded supported HF causal LM, a model name/path, or None for the default),
     apply ``config.passes`` in order, and return an ``OptimizedModel`` running the result eagerly.
-    ``speculative``: a method name (recycling, lookup, draft, dyspec, rsd, specdec++) or a
+    ``speculative``: a method name (recycling, lookup, draft, dyspec, rsd, specdec++, ppd, ppd+recycling) or a
     ``tokopt.speculative.SpeculativeConfig``; decoding stays lossless. ``uncertainty``: add the ``logit_taps`` and
     ``attention_taps`` passes and record per-token uncertainty (``opt.last_uncertainty``), also under
     speculative decoding.
@@ -57,7 +57,7 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
         ids = opt.generate(input_ids, max_new_tokens=32)
         opt = tokopt.optimize(model, speculative="recycling"); opt.generate(input_ids); opt.last_stats.mat
     """
-    from tokopt.speculative import SpeculativeConfig
+    from tokopt.speculative import PPD_METHODS, SpeculativeConfig
 
     speculative = SpeculativeConfig.coerce(speculative)  # bad names fail before the 20 s capture
     config = config or OptimizeConfig()
@@ -65,10 +65,21 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
         missing = tuple(p for p in UNCERTAINTY_PASSES if p not in config.passes)
         config = OptimizeConfig(passes=(*config.passes, *missing))
     model, tokenizer = load(model)  # a name, a path, or a loaded model (checked, tokenizer found beside it)
+    ppd = None
+    if speculative is not None and speculative.method in PPD_METHODS:  # trained prompt tokens, in the graph
+        from tokopt.train_ppd import load_ppd_artifact
+
+        ppd = load_ppd_artifact(model)  # no artifact: fails before the capture, naming `tokopt train-ppd`
+        if "ppd_slots" not in config.passes:
+            config = OptimizeConfig(passes=(*config.passes, "ppd_slots"))
     with progress_step("capturing the decoder graph with torch.export"):
         gm = capture(model)
+    if ppd is not None:
+        gm.meta["tokopt"]["ppd_prompt_embeddings"] = ppd["embeddings"]
     gm, reports = run_passes(gm, list(config.passes))
     meta = gm.meta["tokopt"]
+    if ppd is not None:
+        meta["ppd"]["rank_accuracy"] = ppd["metrics"]["rank_accuracy"]
     engine = EagerEngine(gm, meta["spec"], meta["output_names"])
     model_key = "|".join([model_fingerprint(model), *config.passes])
     return OptimizedModel(engine, defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer,

@@ -11,6 +11,9 @@ Methods (``tokopt.optimize(model, speculative=NAME)``):
 - ``dyspec``: DySpec's dynamic tree from the draft distribution, under a node budget.
 - ``rsd``: RSD-C, Gumbel-top-k sibling trees, recursive rejection without replacement.
 - ``specdec++``: adaptive draft length from a trained acceptance head (``tokopt train-specdec``).
+- ``ppd``: Parallel Prompt Decoding, trained prompt tokens in the verify forward guess 2..k+1 tokens ahead
+  (``tokopt train-ppd`` once per model; ``optimize`` adds the ``ppd_slots`` pass and loads the embeddings).
+- ``ppd+recycling``: PPD guesses and Token Recycling's candidates in one tree.
 
 Every method is lossless: greedy output equals plain greedy decoding; sampled output follows the target
 distribution exactly (``runtime.speculative.verify``).
@@ -29,10 +32,12 @@ from dataclasses import dataclass, field
 from tokopt.errors import TokoptError
 from tokopt.models import cache_dir, model_fingerprint
 from tokopt.runtime.speculative.drafters.lookup import LookupConfig, PromptLookup
+from tokopt.runtime.speculative.drafters.ppd import PPDConfig
 from tokopt.runtime.speculative.drafters.entropy_sized import DEFAULT_EDGES
 from tokopt.runtime.speculative.drafters.recycling import RecyclingConfig, TokenRecycling
 
-METHODS = ("recycling", "recycling-entropy", "lookup", "draft", "dyspec", "rsd", "specdec++")
+METHODS = ("recycling", "recycling-entropy", "lookup", "draft", "dyspec", "rsd", "specdec++", "ppd", "ppd+recycling")
+PPD_METHODS = ("ppd", "ppd+recycling")
 DRAFT_MODEL_METHODS = ("draft", "dyspec", "rsd", "specdec++")
 
 
@@ -56,6 +61,7 @@ class SpeculativeConfig:
     specdec_head: str | None = None  # path; default: the head `tokopt train-specdec` saved for this pair
     specdec_threshold: float = 0.3
     specdec_max_length: int = 8
+    ppd: PPDConfig = field(default_factory=PPDConfig)  # ppd, ppd+recycling (budget: guess nodes)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,6 +85,7 @@ class SpeculativeConfig:
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "draft_model"}
         d["recycling"], d["lookup"] = dict(self.recycling.__dict__), dict(self.lookup.__dict__)
+        d["ppd"] = dict(self.ppd.__dict__)
         d["draft_model"] = None if self.draft_model is None else str(getattr(self.draft_model, "name_or_path",
                                                                               self.draft_model))
         return d
@@ -141,10 +148,41 @@ def build_drafter(config: SpeculativeConfig, *, engine, target_model=None, token
             drafter.set_profile(latency_profile(engine, model_key or engine.spec.model_type,
                                                 max_nodes=config.max_nodes), config.max_nodes)
         return drafter
+    if method in PPD_METHODS:
+        return _ppd_drafter(config, budget, engine, model_key)
     if method == "lookup":
         lc = config.lookup if budget is None else LookupConfig(**{**config.lookup.__dict__, "budget": budget})
         return PromptLookup(lc)
     return _draft_model_drafter(config, budget, engine, target_model, tokenizer)
+
+
+def ppd_graph_meta(engine) -> dict:
+    """The engine graph's prompt-slot facts (``passes.ppd_slots``), or a TokoptError saying how to get them."""
+    module = getattr(engine, "module", None)
+    meta = getattr(module, "meta", {}).get("tokopt", {}).get("ppd") if module is not None else None
+    if not meta:
+        raise TokoptError("speculative='ppd' needs a graph with prompt-token slots and trained embeddings: build it "
+                          "with tokopt.optimize(model, speculative='ppd') (adds the ppd_slots pass and loads what "
+                          "`tokopt train-ppd` saved for the model); this engine has none")
+    return meta
+
+
+def _ppd_drafter(config, budget, engine, model_key):
+    from tokopt.runtime.speculative.acceptance import default_prior
+    from tokopt.runtime.speculative.drafters.ppd import ParallelPromptDecoding
+
+    meta = ppd_graph_meta(engine)
+    vocab = engine.spec.vocab_size
+    pc = config.ppd if budget is None else PPDConfig(**{**config.ppd.__dict__, "budget": budget})
+    accuracy = meta.get("rank_accuracy") or default_prior(meta["k"], pc.ranks)[1:].tolist()
+    recycling = TokenRecycling(vocab, config.recycling) if config.method == "ppd+recycling" else None
+    drafter = ParallelPromptDecoding(vocab, meta["k"], accuracy, pc, recycling)
+    if budget is None:
+        from tokopt.runtime.speculative.tree_size import latency_profile
+
+        drafter.set_profile(latency_profile(engine, model_key or engine.spec.model_type,
+                                            max_nodes=config.max_nodes), config.max_nodes)
+    return drafter
 
 
 def _draft_model_drafter(config, budget, engine, target_model, tokenizer):
