@@ -74,11 +74,14 @@ def generate_answers(opt, items, batch: int, max_new_tokens: int) -> list:
 
 def score_answers(opt, items, answers, estimators):
     """Per estimator, the scores of every answer (of its answer tokens; UQAC: of the response up to the answer's
-    end, with the answer span) and the seconds spent."""
+    end, with the answer span; NaN where the estimator refused the answer, counted in ``failures``) and the
+    seconds spent."""
+    from tokopt.errors import TokoptError
     from tokopt.uncertainty.estimators import ScoringContext, score_sequence
 
     scores = {e: [] for e in estimators}
     seconds = {e: 0.0 for e in estimators}
+    failures = {e: [] for e in estimators}
     for item, ans in progress_bar(list(zip(items, answers)), desc="scoring", unit="answer"):
         start, end = ans.span
         context = opt.tokenizer.decode([r["token"] for r in ans.records[:start]])
@@ -86,14 +89,18 @@ def score_answers(opt, items, answers, estimators):
                              prompt_text=item.prompt + context)
         for e in estimators:
             t0 = time.perf_counter()
-            if e == "uqac":
-                ctx.answer_span = (start, end)
-                value = score_sequence(ans.records[:end], (e,), ctx)[e]
-            else:
-                value = score_sequence(ans.records[start:end], (e,), ctx)[e]
+            try:
+                if e == "uqac":
+                    ctx.answer_span = (start, end)
+                    value = score_sequence(ans.records[:end], (e,), ctx)[e]
+                else:
+                    value = score_sequence(ans.records[start:end], (e,), ctx)[e]
+            except TokoptError as exc:
+                value = float("nan")
+                failures[e].append(f"{item.question}: {exc}")
             scores[e].append(value)
             seconds[e] += time.perf_counter() - t0
-    return scores, seconds
+    return scores, seconds, failures
 
 
 def bootstrap_interval(fn, scores, correct, n: int, seed: int) -> list:
@@ -116,11 +123,13 @@ def quality_table(scores: dict, correct: np.ndarray, n_boot: int, seed: int) -> 
     controls = {"random": np.random.default_rng([seed, 7]).random(len(correct))}  # a stream of its own
     for name, values in {**scores, **controls}.items():
         s = np.asarray(values, dtype=np.float64)
-        q = correct.astype(np.float64)
-        rows[name] = {
-            "prr": prr(s, q), "roc_auc": roc_auc(s, ~correct),
-            "prr_90": bootstrap_interval(lambda a, c: prr(a, c.astype(np.float64)), s, correct, n_boot, seed),
-            "roc_auc_90": bootstrap_interval(lambda a, c: roc_auc(a, ~c), s, correct, n_boot, seed),
+        ok = np.isfinite(s)  # answers an estimator refused are left out of its row (and counted)
+        s, c = s[ok], correct[ok]
+        q = c.astype(np.float64)
+        rows[name] = {"n": int(ok.sum()),
+            "prr": prr(s, q), "roc_auc": roc_auc(s, ~c),
+            "prr_90": bootstrap_interval(lambda a, k: prr(a, k.astype(np.float64)), s, c, n_boot, seed),
+            "roc_auc_90": bootstrap_interval(lambda a, k: roc_auc(a, ~k), s, c, n_boot, seed),
         }
     return rows
 
@@ -173,7 +182,7 @@ def run_uncertainty_bench(config: UncertaintyBenchConfig) -> dict:
     opt.tokenizer = tokenizer
     answers = generate_answers(opt, items, config.batch, config.max_new_tokens)
     correct = np.array([is_correct(it, ans.text) for it, ans in zip(items, answers)])
-    scores, seconds = score_answers(opt, items, answers, config.estimators)
+    scores, seconds, failures = score_answers(opt, items, answers, config.estimators)
     table = quality_table(scores, correct, config.bootstrap, config.seed)
     kinds = sorted({it.kind for it in items})
     per_kind = {}
@@ -192,6 +201,7 @@ def run_uncertainty_bench(config: UncertaintyBenchConfig) -> dict:
         "counts": {k: int(sum(it.kind == k for it in items)) for k in kinds},
         "quality": table, "per_kind_prr": per_kind,
         "seconds_per_answer": {e: seconds[e] / len(items) for e in config.estimators},
+        "failures": failures,
         "tap_overhead": overhead,
         "examples": [{"kind": it.kind, "question": it.question, "generated": ans.text.split("\n")[0],
                       "answer": answer_text(it.kind, ans.text), "correct": bool(c),
@@ -212,11 +222,11 @@ def markdown(result: dict) -> str:
     order = sorted((n for n in q if n != "random"), key=lambda n: -q[n]["prr"]) + ["random"]
     lines = [f"{result['questions']} questions ({', '.join(f'{k}: {v}' for k, v in result['counts'].items())}), "
              f"accuracy {result['accuracy']:.3f}; {result['machine']}",
-             "", "| estimator | PRR | 90% CI | ROC-AUC | 90% CI | s / answer |", "|---|---|---|---|---|---|"]
+             "", "| estimator | n | PRR | 90% CI | ROC-AUC | 90% CI | s / answer |", "|---|---|---|---|---|---|---|"]
     for name in order:
         r = q[name]
         sec = result["seconds_per_answer"].get(name)
-        lines.append(f"| {name} | {r['prr']:.3f} | {r['prr_90'][0]:.2f}..{r['prr_90'][1]:.2f} | {r['roc_auc']:.3f} | "
+        lines.append(f"| {name} | {r['n']} | {r['prr']:.3f} | {r['prr_90'][0]:.2f}..{r['prr_90'][1]:.2f} | {r['roc_auc']:.3f} | "
                      f"{r['roc_auc_90'][0]:.2f}..{r['roc_auc_90'][1]:.2f} | "
                      f"{'-' if sec is None else f'{sec:.4f}'} |")
     if result["per_kind_prr"]:

@@ -90,6 +90,8 @@ def token_sar(logprobs, relevance) -> float:
     """TokenSAR: ``sum_i -log p_i (1 - s_i) / sum_j (1 - s_j)``, ``s_i`` = similarity without token i.
 
     ``s_i`` near 1 means dropping token i changes nothing (an irrelevant token), so its surprisal counts little.
+    When no token matters (every ``s_i`` = 1, e.g. a one-token answer the similarity model does not see), the
+    weights are equal: the limit of equal relevances, the mean surprisal.
 
     Example::
 
@@ -103,8 +105,8 @@ def token_sar(logprobs, relevance) -> float:
         raise TokoptError(f"relevance values are similarities in [0, 1], got range [{s.min():.6g}, {s.max():.6g}]")
     weights = 1.0 - s
     total = weights.sum()
-    if total <= 0:
-        raise TokoptError("token_sar: every relevance is 1 (no token matters), so the weights sum to 0")
+    if total <= 1e-12:
+        return float(-lp.mean())
     return float((-lp * weights).sum() / total)
 
 
