@@ -57,7 +57,7 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
         ids = opt.generate(input_ids, max_new_tokens=32)
         opt = tokopt.optimize(model, speculative="recycling"); opt.generate(input_ids); opt.last_stats.mat
     """
-    from tokopt.speculative import PPD_METHODS, SpeculativeConfig
+    from tokopt.speculative import PPD_METHODS, SpeculativeConfig, add_ppd_slots
 
     speculative = SpeculativeConfig.coerce(speculative)  # bad names fail before the 20 s capture
     config = config or OptimizeConfig()
@@ -70,16 +70,12 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
         from tokopt.train_ppd import load_ppd_artifact
 
         ppd = load_ppd_artifact(model)  # no artifact: fails before the capture, naming `tokopt train-ppd`
-        if "ppd_slots" not in config.passes:
-            config = OptimizeConfig(passes=(*config.passes, "ppd_slots"))
     with progress_step("capturing the decoder graph with torch.export"):
         gm = capture(model)
+    gm, reports = run_passes(gm, [p for p in config.passes if ppd is None or p != "ppd_slots"])
     if ppd is not None:
-        gm.meta["tokopt"]["ppd_prompt_embeddings"] = ppd["embeddings"]
-    gm, reports = run_passes(gm, list(config.passes))
+        reports += add_ppd_slots(gm, model, ppd)
     meta = gm.meta["tokopt"]
-    if ppd is not None:
-        meta["ppd"]["rank_accuracy"] = ppd["metrics"]["rank_accuracy"]
     engine = EagerEngine(gm, meta["spec"], meta["output_names"])
     model_key = "|".join([model_fingerprint(model), *config.passes])
     return OptimizedModel(engine, defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer,

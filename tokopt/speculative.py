@@ -149,29 +149,47 @@ def build_drafter(config: SpeculativeConfig, *, engine, target_model=None, token
                                                 max_nodes=config.max_nodes), config.max_nodes)
         return drafter
     if method in PPD_METHODS:
-        return _ppd_drafter(config, budget, engine, model_key)
+        return _ppd_drafter(config, budget, engine, target_model, model_key)
     if method == "lookup":
         lc = config.lookup if budget is None else LookupConfig(**{**config.lookup.__dict__, "budget": budget})
         return PromptLookup(lc)
     return _draft_model_drafter(config, budget, engine, target_model, tokenizer)
 
 
-def ppd_graph_meta(engine) -> dict:
-    """The engine graph's prompt-slot facts (``passes.ppd_slots``), or a TokoptError saying how to get them."""
+def ppd_graph_meta(engine, target_model=None) -> dict:
+    """The engine graph's prompt-slot facts (``passes.ppd_slots``). An eager engine whose graph has no slots gets
+    them here, in place, from the artifact ``tokopt train-ppd`` saved for ``target_model`` (ordinary ids stay
+    bit-identical, so other methods sharing the engine are unaffected); otherwise a TokoptError says what to do."""
     module = getattr(engine, "module", None)
-    meta = getattr(module, "meta", {}).get("tokopt", {}).get("ppd") if module is not None else None
-    if not meta:
+    meta = getattr(module, "meta", {}).get("tokopt") if module is not None else None
+    if meta is not None and "ppd" not in meta and target_model is not None and "spec" in meta:
+        add_ppd_slots(module, target_model)
+    if not meta or "ppd" not in meta:
         raise TokoptError("speculative='ppd' needs a graph with prompt-token slots and trained embeddings: build it "
                           "with tokopt.optimize(model, speculative='ppd') (adds the ppd_slots pass and loads what "
                           "`tokopt train-ppd` saved for the model); this engine has none")
-    return meta
+    return meta["ppd"]
 
 
-def _ppd_drafter(config, budget, engine, model_key):
+def add_ppd_slots(gm, model, artifact=None) -> list:
+    """Run the ``ppd_slots`` pass on ``gm`` (in place) with ``model``'s trained prompt embeddings
+    (``load_ppd_artifact``, or ``artifact``); returns the pass reports."""
+    from tokopt.pass_manager import run_passes
+    from tokopt.train_ppd import load_ppd_artifact
+
+    artifact = artifact or load_ppd_artifact(model)  # none: a TokoptError naming `tokopt train-ppd`
+    gm.meta["tokopt"]["ppd_prompt_embeddings"] = artifact["embeddings"]
+    gm, reports = run_passes(gm, ["ppd_slots"])
+    gm.meta["tokopt"].pop("ppd_prompt_embeddings", None)
+    gm.meta["tokopt"]["ppd"].setdefault("rank_accuracy", artifact["metrics"]["rank_accuracy"])
+    return reports
+
+
+def _ppd_drafter(config, budget, engine, target_model, model_key):
     from tokopt.runtime.speculative.acceptance import default_prior
     from tokopt.runtime.speculative.drafters.ppd import ParallelPromptDecoding
 
-    meta = ppd_graph_meta(engine)
+    meta = ppd_graph_meta(engine, target_model)
     vocab = engine.spec.vocab_size
     pc = config.ppd if budget is None else PPDConfig(**{**config.ppd.__dict__, "budget": budget})
     accuracy = meta.get("rank_accuracy") or default_prior(meta["k"], pc.ranks)[1:].tolist()

@@ -12,7 +12,7 @@ from tokopt.runtime.sampling import SamplingParams
 from tokopt.runtime.speculative.drafters.ppd import PPDConfig, ParallelPromptDecoding
 from tokopt.runtime.speculative.tree_size import LatencyProfile
 from tokopt.runtime.speculative.verify import Verdict
-from tokopt.speculative import SpeculativeConfig
+from tokopt.speculative import SpeculativeConfig, build_drafter
 from tokopt.train_ppd import save_ppd_artifact
 
 ACCURACY = [[0.3, 0.1, 0.05], [0.2, 0.08, 0.04], [0.15, 0.06, 0.03]]
@@ -40,9 +40,16 @@ def test_missing_artifact_names_train_ppd(real_model, tmp_path, monkeypatch):
         tokopt.optimize(real_model, speculative="ppd")
 
 
-def test_plain_graph_refused(opt):
-    with pytest.raises(TokoptError, match="ppd_slots"):
+def test_graph_without_slots_refused(opt, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKOPT_CACHE", str(tmp_path))  # no artifact: the shared graph is left untouched
+    with pytest.raises(TokoptError, match="tokopt train-ppd"):
         opt.with_speculative("ppd")
+    assert "ppd" not in opt.graph_module.meta["tokopt"]
+
+    class NoGraph:
+        spec = opt.engine.spec
+    with pytest.raises(TokoptError, match="ppd_slots"):
+        build_drafter(SpeculativeConfig("ppd"), engine=NoGraph())
 
 
 @pytest.mark.parametrize("method", ["ppd", "ppd+recycling"])
