@@ -9,7 +9,8 @@ from tokopt.speculative import METHODS, SpeculativeConfig
 
 
 def test_method_names_are_the_documented_ones():
-    assert METHODS == ("recycling", "recycling-entropy", "lookup", "draft", "dyspec", "rsd", "specdec++")
+    assert METHODS == ("recycling", "recycling-entropy", "lookup", "draft", "dyspec", "rsd", "specdec++", "ppd",
+                       "ppd+recycling")
 
 
 @pytest.mark.parametrize("kw,needle", [
