@@ -63,8 +63,9 @@ def _entropy_of_rows(out, rows: torch.Tensor) -> list:
     batch = torch.arange(rows.shape[0])
     if "entropy" in out.extras:
         return out.extras["entropy"][batch, rows].tolist()
-    logp = out.logits[batch, rows].float().log_softmax(-1)
-    return (-(logp.exp() * logp).sum(-1)).tolist()
+    from tokopt.uncertainty.logit_stats import entropy
+
+    return entropy(out.logits[batch, rows]).tolist()
 
 
 class _Rows:
