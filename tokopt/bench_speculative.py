@@ -67,8 +67,9 @@ class SpecBenchConfig:
             self.engines = tuple(dict.fromkeys([*self.engines, "onnx"]))  # an ONNX engine dir is asked for: run it
 
 
-def load_spec_bench(path=None, per_category: int = 2) -> list[dict]:
-    """``per_category`` questions of every category (in file order): dicts with category, question."""
+def load_spec_bench(path=None, per_category: int = 2, skip: int = 0) -> list[dict]:
+    """``per_category`` questions of every category (in file order, after its first ``skip``): dicts with
+    category, question. ``skip`` keeps training prompts apart from the benchmark's (``tokopt train-ppd``)."""
     if path is None:
         text = resources.files("tokopt").joinpath("data/spec_bench_sample.jsonl").read_text()
     else:
@@ -82,9 +83,12 @@ def load_spec_bench(path=None, per_category: int = 2) -> list[dict]:
             continue
         row = json.loads(line)
         cat = row.get("category", "")
-        if count.get(cat, 0) < per_category and row.get("turns"):
+        if not row.get("turns"):
+            continue
+        seen = count.get(cat, 0)
+        if skip <= seen < skip + per_category:
             picked.append({"category": cat, "question": row["turns"][0]})
-            count[cat] = count.get(cat, 0) + 1
+        count[cat] = seen + 1
     if not picked:
         raise TokoptError("no questions found (need JSON lines with 'turns')")
     return picked

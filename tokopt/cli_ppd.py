@@ -4,6 +4,7 @@ Example::
 
     tokopt train-ppd                                  # SmolLM2-135M, offline corpus + shipped text, ~200 steps
     tokopt train-ppd ./my-llama --text notes.txt --steps 400 -k 3
+    tokopt train-ppd --prompts questions.jsonl --prompts-skip 2   # on the model's own answers
     tokopt generate --speculative ppd "What is the capital of France?"
 """
 
@@ -21,6 +22,14 @@ def add_parser(sub) -> None:
     p.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="text file or folder of .txt files (repeatable; default: the offline corpus when present "
                         "plus the text shipped with tokopt)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="chat prompts the model answers first, its answers then being training text "
+                        "(self-distillation on its own generations): Spec-Bench-style .jsonl or one prompt per line; "
+                        "without --text, only these answers are used")
+    p.add_argument("--prompts-skip", type=int, default=0, metavar="N",
+                   help="skip the first N questions of each category of a .jsonl (the ones `tokopt bench "
+                        "--per-category N` measures), default 0")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     p.add_argument("-k", type=int, default=3, help="prompt tokens (default 3)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps, one text chunk each (default 200)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk (default 128)")
@@ -32,10 +41,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tokopt.train_ppd import train_ppd
+    from tokopt.train_ppd import read_prompts, train_ppd
 
-    result = train_ppd(args.model, texts=[Path(t) for t in args.text] or None, k=args.k, steps=args.steps,
-                       seq_len=args.seq_len, anchors=args.anchors, lr=args.lr, out=args.output)
+    prompts = read_prompts(args.prompts, args.prompts_skip) if args.prompts else None
+    result = train_ppd(args.model, texts=[Path(t) for t in args.text] or None, prompts=prompts, k=args.k,
+                       steps=args.steps, seq_len=args.seq_len, anchors=args.anchors, lr=args.lr,
+                       gen_tokens=args.gen_tokens, out=args.output)
     m = result.metrics
     print(f"{m['steps']} steps in {m['train_seconds']:.1f} s ({m['seconds']:.1f} s in all); train KL "
           f"{m['train_kl_first']:.3f} -> {m['train_kl_last']:.3f}; artifact {m['bytes']} bytes of embeddings")

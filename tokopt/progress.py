@@ -30,8 +30,8 @@ def progress_step(message: str):
         print(f"tokopt: {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def progress_bar(iterable, desc: str, unit: str = "it"):
-    """``iterable`` with a tqdm bar on stderr (none under ``TOKOPT_QUIET``).
+def progress_bar(iterable, desc: str, unit: str = "it", disable: bool = False):
+    """``iterable`` with a tqdm bar on stderr (none under ``TOKOPT_QUIET`` or with ``disable``).
 
     Example::
 
@@ -40,4 +40,4 @@ def progress_bar(iterable, desc: str, unit: str = "it"):
     """
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=f"tokopt: {desc}", unit=unit, disable=quiet())
+    return tqdm(iterable, desc=f"tokopt: {desc}", unit=unit, disable=disable or quiet())

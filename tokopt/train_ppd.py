@@ -35,7 +35,7 @@ import torch
 from tokopt.errors import TokoptError
 from tokopt.models import cache_dir, load, model_fingerprint
 from tokopt.passes.ppd_slots import DEFAULT_K, prompt_embedding
-from tokopt.progress import quiet
+from tokopt.progress import progress_bar
 from tokopt.runtime.decoder_graph import DecoderGraph
 from tokopt.runtime.kv_cache import KVCache
 from tokopt.runtime.masks import causal_structure, step_mask
@@ -172,16 +172,53 @@ def evaluate(graph, cache, chunks, k, vocab, anchors_per_chunk: int = 48, seed: 
             "anchors": count}
 
 
-def train_ppd(model=None, *, texts=None, token_ids=None, tokenizer=None, k: int = DEFAULT_K, steps: int = 200,
-              seq_len: int = 128, anchors: int = 48, max_tokens: int = 40_000, lr: float = 3e-3, out=None,
-              progress: bool = True, seed: int = 0) -> TrainResult:
+def read_prompts(path, skip_per_category: int = 0) -> list:
+    """Training prompts from a file: Spec-Bench-style JSON lines (first turn of each; ``skip_per_category`` skips
+    the first questions of every category, the ones ``tokopt bench --per-category N`` measures) or plain text,
+    one prompt per line."""
+    from tokopt.bench_speculative import load_spec_bench
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokoptError(f"prompts file {path} does not exist; give JSON lines with 'turns' or one prompt per line")
+    if path.suffix == ".jsonl":
+        return [q["question"] for q in load_spec_bench(path, per_category=10**9, skip=skip_per_category)]
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise TokoptError(f"{path} holds no prompts (one per line expected)")
+    return prompts
+
+
+def generated_sequences(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch: int = 8,
+                        progress: bool = True) -> list:
+    """The model's own greedy answers to chat ``prompts``, as token-id sequences (prompt + answer): the text a
+    deployed model's drafter sees, for self-distillation."""
+    import tokopt
+    from tokopt.runtime.prompts import encode_prompts
+
+    opt = tokopt.optimize(model)
+    rows = []
+    for start in progress_bar(range(0, len(prompts), batch), desc="generating PPD training text",
+                              unit="batch", disable=not progress):
+        ids, mask = encode_prompts(tokenizer, prompts[start:start + batch])
+        opt.generate(ids, mask, max_new_tokens=max_new_tokens)
+        result = opt.last_result
+        for b in range(ids.shape[0]):
+            answer = result.new_tokens[b, :int(result.generated_counts[b])]
+            rows.append(torch.cat([ids[b][mask[b].bool()], answer]).tolist())
+    return rows
+
+
+def train_ppd(model=None, *, texts=None, token_ids=None, prompts=None, tokenizer=None, k: int = DEFAULT_K,
+              steps: int = 200, seq_len: int = 128, anchors: int = 48, max_tokens: int = 40_000, lr: float = 3e-3,
+              gen_tokens: int = 128, out=None, progress: bool = True, seed: int = 0) -> TrainResult:
     """Train and save ``model``'s k prompt embeddings (``model``: name, path, loaded model or None for the
-    default). ``texts``: strings, files or folders of ``*.txt`` (default: ``default_texts()``), or ``token_ids``
-    (sequences of ids, for models without a tokenizer). Each of ``steps``
+    default). ``texts``: strings, files or folders of ``*.txt`` (default: ``default_texts()`` unless
+    ``prompts`` is given), or ``token_ids`` (sequences of ids, for models without a tokenizer). ``prompts``:
+    chat prompts the model answers first (``gen_tokens`` greedy tokens each); the answers are training text
+    too (self-distillation on the model's own generations). Each of ``steps``
     Adam steps runs one chunk of ``seq_len`` tokens with ``anchors`` prompt chains (about 0.7 s for SmolLM2-135M
     on 2 idle cores); ``max_tokens`` caps the text read. Saved to ``out`` or ``ppd_artifact_path``."""
-    from tqdm.auto import tqdm
-
     from tokopt.train_specdec import _id_chunks, _read_texts, _text_chunks
 
     if not 1 <= k <= 16:
@@ -191,15 +228,22 @@ def train_ppd(model=None, *, texts=None, token_ids=None, tokenizer=None, k: int 
     start = time.perf_counter()
     if texts is not None and token_ids is not None:
         raise TokoptError("pass texts or token_ids, not both")
-    sources = None if token_ids is not None else default_texts() if texts is None else _read_texts(texts)
+    if texts is not None or token_ids is not None or prompts is None:
+        sources = None if token_ids is not None else default_texts() if texts is None else _read_texts(texts)
+    else:
+        sources = []
     target, model_tokenizer = load(model, progress=progress)
     tokenizer = tokenizer or model_tokenizer
-    if sources is None:
-        chunks = _id_chunks(token_ids, seq_len, max_tokens)
-    elif tokenizer is None:
+    if (sources or prompts) and tokenizer is None:
         raise TokoptError("this model has no tokenizer to read text with; pass tokenizer=... or token_ids=...")
-    else:
-        chunks = _text_chunks(sources, tokenizer, seq_len, max_tokens)
+    chunks = []
+    if prompts:
+        answers = generated_sequences(target, tokenizer, list(prompts), gen_tokens, progress=progress)
+        chunks += _id_chunks([row[-seq_len:] for row in answers], seq_len, max_tokens)
+    if sources is None:
+        chunks += _id_chunks(token_ids, seq_len, max_tokens)
+    elif sources:
+        chunks += _text_chunks(sources, tokenizer, seq_len, max(max_tokens - sum(map(len, chunks)), seq_len))
     chunks = [c for c in chunks if len(c) >= k + 2]
     if len(chunks) < 2:
         raise TokoptError(f"only {sum(len(c) for c in chunks)} tokens of text: training needs at least two chunks "
@@ -224,8 +268,7 @@ def train_ppd(model=None, *, texts=None, token_ids=None, tokenizer=None, k: int 
     control = evaluate(graph, cache, val, k, vocab)
     optimizer = torch.optim.Adam([table], lr=lr)
     curve = {"train": [], "train_per_position": []}
-    bar = tqdm(range(steps), desc="tokopt: training PPD prompt embeddings", unit="step",
-               disable=not progress or quiet())
+    bar = progress_bar(range(steps), desc="training PPD prompt embeddings", unit="step", disable=not progress)
     train_start = time.perf_counter()
     for step in bar:
         chunk = train[step % len(train)]
@@ -247,7 +290,7 @@ def train_ppd(model=None, *, texts=None, token_ids=None, tokenizer=None, k: int 
         p.requires_grad_(True)
     table = table.detach().clone()
     fingerprint = model_fingerprint(target)
-    metrics = {"k": k, "steps": steps, "seq_len": seq_len, "anchors_per_step": anchors, "lr": lr,
+    metrics = {"k": k, "steps": steps, "prompts": len(prompts or []), "seq_len": seq_len, "anchors_per_step": anchors, "lr": lr,
                "train_chunks": len(train), "val_chunks": len(val), "train_seconds": train_s,
                "seconds": time.perf_counter() - start, "val": trained, "val_control": control,
                "rank_accuracy": trained["rank_accuracy"], "train_kl_first": curve["train"][0],

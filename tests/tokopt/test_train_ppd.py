@@ -1,12 +1,15 @@
 """``tokopt train-ppd``: a tiny training run lowers the distillation loss, saves the artifact for its model (with
 a loss curve and per-position accuracies beside the untrained control), and another model's is refused."""
 
+import json
+
 import pytest
 import torch
 
 from tokopt.errors import TokoptError
 from tokopt.models import model_fingerprint
-from tokopt.train_ppd import RANKS, load_ppd_artifact, ppd_artifact_path, train_ppd
+from tokopt.train_ppd import (RANKS, generated_sequences, load_ppd_artifact, ppd_artifact_path, read_prompts,
+                              train_ppd)
 
 SEQ = 32
 
@@ -44,3 +47,26 @@ def test_other_model_refused(trained, tiny_model):
     assert model_fingerprint(model) in str(err.value)
     with pytest.raises(TokoptError, match="tokopt train-ppd"):
         load_ppd_artifact(other)
+
+
+def test_read_prompts_skips_benchmark_questions(tmp_path):
+    rows = [{"category": c, "turns": [f"{c} question {i}"]} for c in ("math", "qa") for i in range(3)]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_prompts(jsonl, skip_per_category=2) == ["math question 2", "qa question 2"]
+    lines = tmp_path / "p.txt"
+    lines.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(lines) == ["first prompt", "second prompt"]
+    with pytest.raises(TokoptError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_generated_sequences_are_prompt_plus_greedy_answer(real_model, tokenizer):
+    from tokopt.runtime.prompts import encode_prompts
+
+    prompts = ["Name a color.", "What is two plus two? Answer briefly."]
+    rows = generated_sequences(real_model, tokenizer, prompts, max_new_tokens=6, progress=False)
+    for prompt, row in zip(prompts, rows):
+        ids, mask = encode_prompts(tokenizer, [prompt])
+        expected = real_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[0]
+        assert row == expected.tolist()
