@@ -299,6 +299,91 @@ def test_processed_negative_control_unprocessed_draft_distribution():
     assert_rejected(drafted((3, 2), replacement=False, recorded=DRAFT.softmax(-1)), PROCESSED)
 
 
+# --- PPD: trees with prompt chains, guesses from the previous step's chains ---------------------------------
+#
+# The real drafter (drafters.ppd, alone and merged with Token Recycling) builds every step's tree; prompt-chain
+# nodes hold ids V..V+K-1; prompt token j below a node holding t guesses the token j + 2 steps after t with the
+# log of the target's (j + 2)-step transition probabilities plus noise (a fixed function of t and j). Verification is the shared lossless rule. Negative control: the
+# "typical acceptance" of PPD's released sampling mode (accept the likeliest child whose target probability
+# clears min(epsilon, delta * exp(-entropy))), which is not lossless.
+
+PPD_K = 2
+
+
+AHEAD = [(torch.linalg.matrix_power(TARGET.softmax(-1).double(), j + 2).log().float() + _bigram(3 + j, 0.5))
+         for j in range(PPD_K)]
+
+
+def ppd_logits(tree) -> torch.Tensor:
+    """Target logits at every node: ``TARGET[token]`` for real tokens; a prompt-chain node at chain depth j
+    below anchor token t guesses with ``AHEAD[j][t]``."""
+    rows = []
+    for node, tok in enumerate(tree.tokens):
+        if tok < V:
+            rows.append(TARGET[tok])
+            continue
+        anchor = node
+        while tree.tokens[anchor] >= V:
+            anchor = tree.parents[anchor]
+        rows.append(AHEAD[tok - V][tree.tokens[anchor]])
+    return torch.stack(rows)
+
+
+def ppd_sequences(params, recycling: bool, verifier=verify_sampling, seed=0) -> tuple:
+    """Like ``emitted_sequences``, each step's tree drafted by a PPD drafter that sees every verify's logits
+    and verdict (its guesses, acceptance statistics and, with recycling, adjacency carry across draws).
+    Returns (counts, tokens emitted per step)."""
+    from tokopt.runtime.speculative.drafters.ppd import PPDConfig, ParallelPromptDecoding
+    from tokopt.runtime.speculative.drafters.recycling import RecyclingConfig, TokenRecycling
+
+    rec = TokenRecycling(V, RecyclingConfig(budget=3, k=3, lookup_nodes=2)) if recycling else None
+    accuracy = [[0.4, 0.2, 0.1]] * PPD_K
+    drafter = ParallelPromptDecoding(V, PPD_K, accuracy, PPDConfig(budget=4, chain_nodes=2, ranks=3), rec)
+    generator = torch.Generator().manual_seed(seed)
+    counts, steps = Counter(), 0
+    for _ in range(DRAWS):
+        drafter.start([[ROOT]], params)
+        seq = []
+        while len(seq) < LENGTH:
+            tree = drafter.draft([[ROOT] + seq])[0]
+            logits = ppd_logits(tree)
+            verdict = verifier(tree, logits, params, generator)
+            drafter.observe(torch.tensor([tree.tokens]), logits[None], torch.ones(1, tree.size, dtype=torch.bool))
+            drafter.feedback([tree], [verdict])
+            seq += tree.path_tokens(verdict.path[1:]) + [verdict.next_token]
+            steps += 1
+        counts[tuple(seq[:LENGTH])] += 1
+    return counts, sum(counts.values()) * LENGTH / steps
+
+
+def verify_typical_acceptance(tree, logits, params, generator=None, epsilon=0.3, delta=0.09) -> Verdict:
+    """Wrong (lossy): PPD's / Medusa's typical acceptance."""
+    probs = target_probs(logits[: tree.size], params)
+    node, path = 0, [0]
+    while True:
+        p = probs[node]
+        entropy = float(-(p * p.clamp_min(1e-30).log()).sum())
+        threshold = min(epsilon, delta * math.exp(-entropy))
+        ok = [c for c in tree.children[node] if tree.tokens[c] < V and float(p[tree.tokens[c]]) > threshold]
+        if not ok:
+            return Verdict(path, int(torch.multinomial(p, 1, generator=generator)))
+        node = max(ok, key=lambda c: float(p[tree.tokens[c]]))
+        path.append(node)
+
+
+@pytest.mark.parametrize("recycling", [False, True], ids=["ppd", "ppd+recycling"])
+def test_ppd_trees_are_lossless(recycling):
+    counts, per_step = ppd_sequences(PROCESSED, recycling)
+    assert per_step > 1.1  # guesses are accepted (plain decoding: 1.0; each draw starts without guesses)
+    ps = p_values(counts, PROCESSED)
+    assert min(ps) > PASS_P, f"emitted tokens do not follow the target (p-values of 1, 2, 3 tokens: {ps})"
+
+
+def test_ppd_negative_control_typical_acceptance():
+    ps = p_values(ppd_sequences(PLAIN, False, verifier=verify_typical_acceptance)[0], PLAIN)
+    assert min(ps) < REJECT_P, f"the test does not reject a wrong rule (p-values of 1, 2, 3 tokens: {ps})"
+
+
 # --- exact checks ------------------------------------------------------------------------------------------
 
 
