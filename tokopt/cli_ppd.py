@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts-skip", type=int, default=0, metavar="N",
                    help="skip the first N questions of each category of a .jsonl (the ones `tokopt bench "
                         "--per-category N` measures), default 0")
+    p.add_argument("--max-prompts", type=int, default=None, metavar="N",
+                   help="use N of the prompts, spread evenly over the file (default all)")
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     p.add_argument("-k", type=int, default=3, help="prompt tokens (default 3)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps, one text chunk each (default 200)")
@@ -43,7 +45,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from tokopt.train_ppd import read_prompts, train_ppd
 
-    prompts = read_prompts(args.prompts, args.prompts_skip) if args.prompts else None
+    prompts = read_prompts(args.prompts, args.prompts_skip, args.max_prompts) if args.prompts else None
     result = train_ppd(args.model, texts=[Path(t) for t in args.text] or None, prompts=prompts, k=args.k,
                        steps=args.steps, seq_len=args.seq_len, anchors=args.anchors, lr=args.lr,
                        gen_tokens=args.gen_tokens, out=args.output)

@@ -172,20 +172,25 @@ def evaluate(graph, cache, chunks, k, vocab, anchors_per_chunk: int = 48, seed: 
             "anchors": count}
 
 
-def read_prompts(path, skip_per_category: int = 0) -> list:
+def read_prompts(path, skip_per_category: int = 0, limit: int | None = None) -> list:
     """Training prompts from a file: Spec-Bench-style JSON lines (first turn of each; ``skip_per_category`` skips
     the first questions of every category, the ones ``tokopt bench --per-category N`` measures) or plain text,
-    one prompt per line."""
+    one prompt per line; ``limit`` of them spread evenly over the file."""
     from tokopt.bench_speculative import load_spec_bench
 
     path = Path(path)
     if not path.is_file():
         raise TokoptError(f"prompts file {path} does not exist; give JSON lines with 'turns' or one prompt per line")
     if path.suffix == ".jsonl":
-        return [q["question"] for q in load_spec_bench(path, per_category=10**9, skip=skip_per_category)]
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [q["question"] for q in load_spec_bench(path, per_category=10**9, skip=skip_per_category)]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise TokoptError(f"{path} holds no prompts (one per line expected)")
+        raise TokoptError(f"{path} holds no prompts (one per line, or JSON lines with 'turns')")
+    if limit is not None:
+        if limit < 1:
+            raise TokoptError(f"the prompt limit must be >= 1, got {limit}")
+        prompts = [prompts[i * len(prompts) // limit] for i in range(min(limit, len(prompts)))]
     return prompts
 
 
@@ -197,15 +202,18 @@ def generated_sequences(model, tokenizer, prompts: list, max_new_tokens: int = 1
     from tokopt.runtime.prompts import encode_prompts
 
     opt = tokopt.optimize(model)
-    rows = []
-    for start in progress_bar(range(0, len(prompts), batch), desc="generating PPD training text",
-                              unit="batch", disable=not progress):
-        ids, mask = encode_prompts(tokenizer, prompts[start:start + batch])
+    encoded = [encode_prompts(tokenizer, [p])[0][0] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
+    rows = [None] * len(prompts)
+    for start in progress_bar(range(0, len(order), batch), desc="generating PPD training text", unit="batch",
+                              disable=not progress):
+        picked = order[start:start + batch]
+        ids, mask = encode_prompts(tokenizer, [prompts[i] for i in picked])
         opt.generate(ids, mask, max_new_tokens=max_new_tokens)
         result = opt.last_result
-        for b in range(ids.shape[0]):
+        for b, i in enumerate(picked):
             answer = result.new_tokens[b, :int(result.generated_counts[b])]
-            rows.append(torch.cat([ids[b][mask[b].bool()], answer]).tolist())
+            rows[i] = torch.cat([ids[b][mask[b].bool()], answer]).tolist()
     return rows
 
 

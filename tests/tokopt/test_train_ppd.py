@@ -57,6 +57,7 @@ def test_read_prompts_skips_benchmark_questions(tmp_path):
     lines = tmp_path / "p.txt"
     lines.write_text("first prompt\n\nsecond prompt\n")
     assert read_prompts(lines) == ["first prompt", "second prompt"]
+    assert read_prompts(jsonl, limit=3) == ["math question 0", "math question 2", "qa question 1"]
     with pytest.raises(TokoptError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
 
