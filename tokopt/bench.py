@@ -116,13 +116,27 @@ def _engine_dir(config, opt, model) -> Path:
     if config.engine_dir:
         return Path(config.engine_dir)
     name = Path(str(config.model or DEFAULT_MODEL)).name
-    path = cache_dir() / "engines" / f"{name}-{'-'.join(config.passes) or 'nopasses'}"
+    path = cache_dir() / "engines" / f"{name}-{'-'.join(config.passes) or 'nopasses'}{_slots_tag(opt)}"
     try:
         read_manifest(path)
         return path
     except EngineError:
         with progress_step(f"exporting the ONNX engine once into {path}"):
             return export_engine(opt, path, model_config=model.config.to_dict(), model_name=name)
+
+
+def _slots_tag(opt) -> str:
+    """Engine-cache name part for a graph with PPD prompt slots: their count and a hash of the embeddings (a
+    retrained artifact gets a new engine)."""
+    import hashlib
+
+    gm = getattr(opt, "graph_module", None)
+    if gm is None or "ppd" not in gm.meta.get("tokopt", {}):
+        return ""
+    from tokopt.passes.ppd_slots import TABLE
+
+    table = getattr(gm, TABLE)
+    return f"-ppd{table.shape[0]}-{hashlib.sha1(table.numpy().tobytes()).hexdigest()[:8]}"
 
 
 def run_bench(config: BenchConfig) -> dict:

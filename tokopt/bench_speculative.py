@@ -97,7 +97,7 @@ def load_spec_bench(path=None, per_category: int = 2, skip: int = 0) -> list[dic
 def _runners(config, model, tokenizer):
     import tokopt
     from tokopt.optimize import OptimizeConfig
-    from tokopt.speculative import SpeculativeConfig
+    from tokopt.speculative import PPD_METHODS, SpeculativeConfig, add_ppd_slots
 
     runners, engines, opt = {}, {}, None
     n = config.max_new_tokens
@@ -108,6 +108,8 @@ def _runners(config, model, tokenizer):
         opt = engines["eager"] if config.eager_passes == config.passes and "eager" in engines else \
             tokopt.optimize(model, OptimizeConfig(passes=tuple(config.passes)))
         opt.tokenizer = tokenizer
+        if any(m in PPD_METHODS for m in config.methods):  # the engine carries the trained prompt-token slots
+            add_ppd_slots(opt.graph_module, model)
     if "onnx" in config.engines:
         engines["onnx"] = tokopt.load_engine(_engine_dir(config, opt, model))
         engines["onnx"].model = model  # draft-model methods draft with the torch model

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="onnx", choices=["onnx"], help="engine kind (default onnx)")
     e.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     _add_passes(e)
+    e.add_argument("--speculative", default=None, metavar="NAME",
+                   help="the speculative method the engine decodes with by default (ppd, ppd+recycling: the graph "
+                        "gets the trained prompt-token slots); recorded in the manifest")
     e.add_argument("--uncertainty", action="store_true",
                    help="add the uncertainty taps (logit_taps, attention_taps) so the engine records per-token "
                         "uncertainty (load it with --uncertainty)")
@@ -248,7 +251,7 @@ def cmd_export(args) -> int:
 
     config = _config(args)  # bad pass names fail before the model loads
     model, tokenizer = tokopt.load(args.model)
-    opt = tokopt.optimize(model, config, uncertainty=args.uncertainty)
+    opt = tokopt.optimize(model, config, uncertainty=args.uncertainty, speculative=args.speculative)
     opt.tokenizer = tokenizer
     path = export_engine(opt, args.output, target=args.target, model_config=model.config.to_dict(),
                          model_name=str(args.model or tokopt.models.DEFAULT_MODEL))

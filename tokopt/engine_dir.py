@@ -35,6 +35,7 @@ from tokopt.runtime.decoder_graph import GraphSpec
 FORMAT = "tokopt-engine"
 FORMAT_VERSION = 1
 TARGETS = ("onnx",)
+GRAPH_META = ("ppd",)  # keys of gm.meta['tokopt'] an engine directory keeps
 
 
 def _versions() -> dict:
@@ -80,6 +81,9 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
                      "logits_rows": "[rows]", "past_*": "[batch, kv_heads, past >= 1, head_dim]",
                      "logits": "[batch, rows, vocab]", "present_*": "[batch, kv_heads, past + n_new, head_dim]"},
             "passes": [r.name for r in opt.report.passes],
+            # facts the runtime needs about the graph (ppd_slots: k prompt tokens and their measured accuracies)
+            "graph_meta": {key: meta[key] for key in GRAPH_META if key in meta},
+            "speculative": opt.speculative.method if opt.speculative is not None else None,
             "generation": {"eos_token_ids": list(opt.defaults.eos_token_ids), "pad_token_id": opt.defaults.pad_token_id},
             "versions": _versions(),
             "report": opt.report.to_dict() | {"export_s": time.perf_counter() - start},
@@ -137,7 +141,8 @@ def read_manifest(path) -> dict:
 
 def load_engine(path, *, threads: int | None = None, speculative=None, uncertainty: bool = False) -> OptimizedModel:
     """Load an engine directory as an OptimizedModel running on ONNX Runtime (no torch model needed).
-    ``speculative`` as in ``tokopt.optimize``; draft-model methods load the engine's model (by the name in
+    ``speculative`` as in ``tokopt.optimize`` (default: the method the engine was exported with, if any);
+    draft-model methods load the engine's model (by the name in
     the manifest) for their self-speculative draft. ``uncertainty``: record per-token uncertainty
     (``opt.last_uncertainty``); the engine must have been exported with the ``logit_taps`` pass."""
     from tokopt.speculative import DRAFT_MODEL_METHODS, SpeculativeConfig
@@ -166,7 +171,10 @@ def load_engine(path, *, threads: int | None = None, speculative=None, uncertain
     defaults = GenerationDefaults(tuple(gen["eos_token_ids"]), gen["pad_token_id"])
     report = Report([PassReport(**r) for r in manifest["report"].get("passes", [])],
                     manifest["report"].get("capture_s", 0.0))
+    if speculative is None and manifest.get("speculative"):  # the method the engine was exported for
+        speculative = manifest["speculative"]
     speculative = SpeculativeConfig.coerce(speculative)
+    engine.graph_meta = manifest.get("graph_meta", {})
     model = None
     if speculative is not None and speculative.method in DRAFT_MODEL_METHODS and speculative.draft_model is None:
         name = manifest["model"].get("name")

@@ -164,10 +164,13 @@ def ppd_graph_meta(engine, target_model=None) -> dict:
     meta = getattr(module, "meta", {}).get("tokopt") if module is not None else None
     if meta is not None and "ppd" not in meta and target_model is not None and "spec" in meta:
         add_ppd_slots(module, target_model)
+    if meta is None:  # an engine loaded from a directory: what its manifest says about the graph
+        meta = getattr(engine, "graph_meta", None)
     if not meta or "ppd" not in meta:
         raise TokoptError("speculative='ppd' needs a graph with prompt-token slots and trained embeddings: build it "
                           "with tokopt.optimize(model, speculative='ppd') (adds the ppd_slots pass and loads what "
-                          "`tokopt train-ppd` saved for the model); this engine has none")
+                          "`tokopt train-ppd` saved for the model), or export an engine with `tokopt export "
+                          "--speculative ppd`; this engine has none")
     return meta["ppd"]
 
 
