@@ -149,6 +149,7 @@ def run_speculative_bench(config: SpecBenchConfig) -> dict:
         for i, (ids, mask) in enumerate(encoded):
             order = names[(i + r) % len(names):] + names[:(i + r) % len(names)]
             for name in order:
+                before = guess_counts(fresh[name].drafter) if name in fresh else None
                 start = time.perf_counter()
                 if name in fresh:
                     seq = fresh[name].generate(ids, mask, max_new_tokens=config.max_new_tokens)
@@ -156,11 +157,13 @@ def run_speculative_bench(config: SpecBenchConfig) -> dict:
                 else:
                     seq, stats = runners[name](ids, mask)
                 seconds = time.perf_counter() - start
+                after = guess_counts(fresh[name].drafter) if before is not None else None
                 records.append({"repeat": r, "question": i, "category": questions[i]["category"], "runner": name,
                                 "tokens": count_new(seq[0], ids.shape[1], eos), "seconds": seconds,
                                 "mat": stats.mat if stats else None,
                                 "steps": stats.steps if stats else None,
                                 "tree_sizes": sorted(set(stats.tree_sizes)) if stats else None,
+                                "guesses": None if after is None else (after - before).tolist(),
                                 "output": seq[0, ids.shape[1]:].tolist()})
                 bar.update()
     bar.close()
@@ -171,6 +174,25 @@ def run_speculative_bench(config: SpecBenchConfig) -> dict:
 
 def _reference(name: str) -> str:
     return name.split("+")[0]
+
+
+def guess_counts(drafter):
+    """PPD drafters: ``[k, 3]`` counts per guess depth (depth d guesses the token d + 1 after the last accepted
+    one): trials (its parent was accepted), top-1 hits, hits within the drafter's ranks (top-10 by default);
+    None for other drafters."""
+    from tokopt.runtime.speculative.drafters.ppd import ParallelPromptDecoding
+
+    if not isinstance(drafter, ParallelPromptDecoding):
+        return None
+    s = drafter.stats
+    k = drafter.k
+    return torch.stack([s.trials[1:k + 1], s.hits[1:k + 1, 0], s.hits[1:k + 1].sum(1)], 1)
+
+
+def _versus_recycling(name: str) -> str | None:
+    """``engine+recycling`` for another method of the same engine that builds on it (ppd+recycling, ...)."""
+    engine, _, method = name.partition("+")
+    return f"{engine}+recycling" if method and method != "recycling" else None
 
 
 def summarize(config, questions, names, records) -> dict:
@@ -188,7 +210,7 @@ def summarize(config, questions, names, records) -> dict:
         entry = {}
         for name in names:
             e = {"tokens_per_s": statistics.median(rows[name])}
-            for ref in {_reference(name), *config.baselines}:
+            for ref in {_reference(name), _versus_recycling(name), *config.baselines} - {None}:
                 if ref != name and ref in rows:
                     e[f"speedup_vs_{ref}"] = statistics.median(a / b for a, b in zip(rows[name], rows[ref]))
             mats = [x["mat"] for x in records if x["runner"] == name and x["category"] in members and x["mat"]]
@@ -206,6 +228,14 @@ def summarize(config, questions, names, records) -> dict:
         identical[name] = f"{sum(x['output'] == y['output'] for x, y in pairs)}/{len(pairs)}"
     sizes = {name: sorted({s for x in records if x["runner"] == name and x["tree_sizes"] for s in x["tree_sizes"]})
              for name in names if "+" in name}
+    guesses = {}
+    for name in names:
+        counts = [torch.tensor(x["guesses"], dtype=torch.float64) for x in records if x["runner"] == name and x.get("guesses")]
+        if counts:
+            total = torch.stack(counts).sum(0)  # [k, 3]
+            trials = total[:, 0].clamp_min(1)
+            guesses[name] = {"trials": total[:, 0].tolist(), "top1": (total[:, 1] / trials).tolist(),
+                             "any_rank": (total[:, 2] / trials).tolist()}
     return {
         "command": "tokopt " + " ".join(sys.argv[1:]) if sys.argv and "tokopt" in sys.argv[0] else "",
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -216,6 +246,7 @@ def summarize(config, questions, names, records) -> dict:
         "table": table,
         "identical_to_plain_greedy": identical,
         "tree_sizes": sizes,
+        "ppd_guess_acceptance": guesses,
         "records": records,
     }
 
@@ -228,10 +259,10 @@ def markdown(results: dict) -> str:
              f"Greedy, {results['questions']} Spec-Bench questions ({cfg['per_category']} per category) x "
              f"{cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeats, runners interleaved; medians over "
              "repeats.", ""]
-    header = "| runner | tok/s | MAT | vs same-engine greedy | vs HF greedy | vs HF lookup |"
+    header = "| runner | tok/s | MAT | vs same-engine greedy | vs same-engine recycling | vs HF greedy | vs HF lookup |"
     for group, entry in [("overall", results["table"]["overall"])] + [
             (g, e) for g, e in results["table"].items() if g != "overall"]:
-        lines += [f"**{group}**", "", header, "|---|---|---|---|---|---|"]
+        lines += [f"**{group}**", "", header, "|---|---|---|---|---|---|---|"]
         for name in names:
             e = entry[name]
             ref = _reference(name)
@@ -240,12 +271,19 @@ def markdown(results: dict) -> str:
                 return f"{e[key]:.2f}x" if key in e else "-"
             lines.append(f"| {name} | {e['tokens_per_s']:.2f} | {e['mat']:.2f} | " if "mat" in e else
                          f"| {name} | {e['tokens_per_s']:.2f} | - | ")
-            lines[-1] += f"{f('speedup_vs_' + ref)} | {f('speedup_vs_hf')} | {f('speedup_vs_hf-lookup')} |"
+            rec = _versus_recycling(name)
+            lines[-1] += (f"{f('speedup_vs_' + ref)} | {f('speedup_vs_' + rec) if rec else '-'} | "
+                          f"{f('speedup_vs_hf')} | {f('speedup_vs_hf-lookup')} |")
         lines.append("")
     lines.append("Outputs identical to the same engine's plain greedy: " +
                  ", ".join(f"{k}: {v}" for k, v in results["identical_to_plain_greedy"].items()))
     lines.append("Tree sizes used (nodes incl. root): " +
                  ", ".join(f"{k}: {v}" for k, v in results["tree_sizes"].items()))
+    for name, g in results.get("ppd_guess_acceptance", {}).items():
+        lines.append(f"PPD guesses of {name}, by position after the last accepted token (given its predecessor was "
+                     "accepted): " + "; ".join(f"t+{d + 2}: top-1 {a:.2f}, top-10 {b:.2f} "
+                                              f"({int(n)} steps)" for d, (n, a, b) in
+                                              enumerate(zip(g["trials"], g["top1"], g["any_rank"]))))
     if results.get("command"):
         lines += ["", f"Command: `{results['command']}`"]
     return "\n".join(lines) + "\n"
