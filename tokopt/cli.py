@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export an engine directory ahead of time",
                        description="Capture MODEL, run the passes and lower it to an engine directory.")
     e.add_argument("model", nargs="?", default=None, help="model name or local HF directory (default: SmolLM2)")
-    e.add_argument("--target", default="onnx", choices=["onnx"], help="engine kind (default onnx)")
+    e.add_argument("--target", default="onnx", choices=["onnx", "ep", "tensorrt"],
+                   help="onnx (ONNX Runtime, default), ep (a torch.export .pt2 program) or tensorrt "
+                        "(torch-tensorrt; needs it and an NVIDIA GPU)")
     e.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     _add_passes(e)
     e.add_argument("--speculative", default=None, metavar="NAME",
@@ -250,6 +252,10 @@ def cmd_export(args) -> int:
     from tokopt.engine_dir import export_engine
 
     config = _config(args)  # bad pass names fail before the model loads
+    if args.target == "tensorrt":  # so does a missing torch-tensorrt
+        from tokopt.tensorrt_target import require_tensorrt
+
+        require_tensorrt()
     model, tokenizer = tokopt.load(args.model)
     opt = tokopt.optimize(model, config, uncertainty=args.uncertainty, speculative=args.speculative)
     opt.tokenizer = tokenizer

@@ -4,7 +4,9 @@ Layout::
 
     DIR/manifest.json      format, versions, model config, graph spec, input/output names, passes, report
     DIR/report.md          the pass report as a table
-    DIR/model.onnx(.data)  the decoder graph with its KV cache inputs/outputs (ONNX, external weights)
+    DIR/model.onnx(.data)  target onnx: the decoder graph with its KV cache inputs/outputs (external weights)
+    DIR/program.pt2        target ep: the same graph as a torch.export program (runs in PyTorch, no model code)
+    DIR/program_trt.ep     target tensorrt: the graph compiled by torch-tensorrt (``tokopt.tensorrt_target``)
     DIR/tokenizer/         the tokenizer (and chat template)
 
 Example::
@@ -34,7 +36,8 @@ from tokopt.runtime.decoder_graph import GraphSpec
 
 FORMAT = "tokopt-engine"
 FORMAT_VERSION = 1
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "ep", "tensorrt")
+GRAPH_FILES = {"onnx": "model.onnx", "ep": "program.pt2", "tensorrt": "program_trt.ep"}
 GRAPH_META = ("ppd",)  # keys of gm.meta['tokopt'] an engine directory keeps
 
 
@@ -50,9 +53,14 @@ def _versions() -> dict:
 
 def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_config: dict | None = None,
                   model_name: str = "") -> Path:
-    """Lower an optimized model to an engine directory (written whole, then moved into place)."""
+    """Lower an optimized model to an engine directory (written whole, then moved into place). ``target``: onnx
+    (ONNX Runtime), ep (a torch.export program) or tensorrt (torch-tensorrt; needs it and a CUDA GPU)."""
     if target not in TARGETS:
         raise TokoptError(f"unknown export target {target!r}; this version exports: {', '.join(TARGETS)}")
+    if target == "tensorrt":
+        from tokopt.tensorrt_target import require_tensorrt
+
+        require_tensorrt()  # before any work: one line saying what to install
     gm = opt.graph_module
     if gm is None:
         raise TokoptError("this model has no graph to export (it was itself loaded from an engine directory)")
@@ -65,7 +73,7 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".tokopt-export-", dir=out_dir.parent) as tmp:
         tmp = Path(tmp)
-        _write_onnx(gm, spec, meta["output_names"], tmp / "model.onnx")
+        _write_graph(target, gm, spec, meta["output_names"], tmp / GRAPH_FILES[target])
         if opt.tokenizer is not None:
             opt.tokenizer.save_pretrained(tmp / "tokenizer")
         manifest = {
@@ -97,6 +105,21 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
     return out_dir
 
 
+def _write_graph(target, gm, spec, output_names, path: Path) -> None:
+    if target == "onnx":
+        _write_onnx(gm, spec, output_names, path)
+    elif target == "ep":
+        from tokopt.capture import export_program
+
+        with progress_step("exporting the optimized graph (torch.export)"):
+            torch.export.save(export_program(gm, spec), str(path))
+    else:
+        from tokopt.tensorrt_target import compile_tensorrt
+
+        with progress_step("compiling the optimized graph with torch-tensorrt"):
+            compile_tensorrt(gm, spec, path)
+
+
 def _write_onnx(gm, spec, output_names, path: Path) -> None:
     import logging
     import warnings
@@ -115,6 +138,20 @@ def _write_onnx(gm, spec, output_names, path: Path) -> None:
                                              output_names=output_names, dynamo=True, external_data=True,
                                              optimize=True, verbose=False)
         onnx_program.save(str(path), external_data=True)
+
+
+def _load_graph(target, model_file, spec, outputs, threads):
+    from tokopt.runtime.eager_engine import EagerEngine
+
+    if target == "onnx":
+        from tokopt.runtime.ort_engine import OrtEngine
+
+        return OrtEngine(model_file, spec, outputs, threads=threads)
+    if target == "ep":
+        return EagerEngine(torch.export.load(str(model_file)).module(), spec, outputs)
+    from tokopt.tensorrt_target import load_tensorrt
+
+    return EagerEngine(load_tensorrt(model_file), spec, outputs)
 
 
 def read_manifest(path) -> dict:
@@ -140,28 +177,28 @@ def read_manifest(path) -> dict:
 
 
 def load_engine(path, *, threads: int | None = None, speculative=None, uncertainty: bool = False) -> OptimizedModel:
-    """Load an engine directory as an OptimizedModel running on ONNX Runtime (no torch model needed).
+    """Load an engine directory as an OptimizedModel (no torch model needed): onnx engines run on ONNX Runtime,
+    ep engines as the saved torch.export program, tensorrt engines on torch-tensorrt (CUDA).
     ``speculative`` as in ``tokopt.optimize`` (default: the method the engine was exported with, if any);
     draft-model methods load the engine's model (by the name in
     the manifest) for their self-speculative draft. ``uncertainty``: record per-token uncertainty
     (``opt.last_uncertainty``); the engine must have been exported with the ``logit_taps`` pass."""
     from tokopt.speculative import DRAFT_MODEL_METHODS, SpeculativeConfig
 
-    from tokopt.runtime.ort_engine import OrtEngine
-
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest["target"] != "onnx":
-        raise EngineError(f"{path} is a {manifest['target']!r} engine; this version runs 'onnx' engines")
-    model_file = path / "model.onnx"
+    target = manifest["target"]
+    if target not in TARGETS:
+        raise EngineError(f"{path} is a {target!r} engine; this version runs {', '.join(TARGETS)} engines")
+    model_file = path / GRAPH_FILES[target]
     if not model_file.is_file():
-        raise EngineError(f"{path} lacks model.onnx; re-export the engine with `tokopt export`")
+        raise EngineError(f"{path} lacks {model_file.name}; re-export the engine with `tokopt export --target {target}`")
     spec = GraphSpec(**manifest["spec"])
     if uncertainty and "lse" not in manifest["outputs"]:
         raise EngineError(f"{path} has no uncertainty taps (outputs: {', '.join(manifest['outputs'][:1])}, cache, "
                           f"{', '.join(manifest['outputs'][1 + 2 * spec.num_layers:]) or 'nothing else'}); re-export "
                           "it with the uncertainty taps: `tokopt export --uncertainty -o DIR`")
-    engine = OrtEngine(model_file, spec, manifest["outputs"], threads=threads)
+    engine = _load_graph(target, model_file, spec, manifest["outputs"], threads)
     tokenizer = None
     if (path / "tokenizer").is_dir():
         from transformers import AutoTokenizer
@@ -182,7 +219,7 @@ def load_engine(path, *, threads: int | None = None, speculative=None, uncertain
             raise EngineError(f"{path} does not name its model, so {speculative.method!r} cannot build the "
                               "self-speculative draft; pass SpeculativeConfig(draft_model=...)")
         model, _ = tokopt.load(name, progress=False)
-    key = "|".join([manifest["model"].get("name") or str(path.resolve()), *manifest.get("passes", []), "onnx"])
+    key = "|".join([manifest["model"].get("name") or str(path.resolve()), *manifest.get("passes", []), target])
     opt = OptimizedModel(engine, defaults=defaults, tokenizer=tokenizer, report=report, model=model,
                          model_key=key, speculative=speculative, uncertainty=uncertainty)
     opt.manifest = manifest
