@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokopt.kernels.kv_compact import compact_tail
+
 
 @dataclass
 class KVCache:
@@ -54,14 +56,11 @@ class KVCache:
         ``start, start + 1, ...`` (in place, only the moved slots are copied) and mark every other tail slot
         invalid. ``index`` is ``[B, K]``; ``index_valid`` ``[B, K]`` is False on padding entries.
 
-        Dead slots stay until ``drop_dead`` removes them in one copy; until then the mask hides them.
+        Dead slots stay until ``drop_dead`` removes them in one copy; until then the mask hides them. The move
+        is the ``tokopt.kernels`` dispatch (``kernels/kv_compact.py``: Numba or the torch reference).
         """
         k = index.shape[1]
-        with torch.inference_mode():
-            for t in self.tensors:
-                tail = t[:, :, start:]
-                moved = tail.gather(2, index[:, None, :, None].expand(t.shape[0], t.shape[1], k, t.shape[3]))
-                t[:, :, start:start + k] = moved
+        compact_tail(self.tensors, start, index, index_valid)
         valid = self.valid.clone()
         valid[:, start:] = False
         valid[:, start:start + k] = index_valid

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from tokopt.kernels.tree_inputs import step_mask as kernel_step_mask
+
 
 def causal_structure(n: int, batch: int, device="cpu") -> torch.Tensor:
     """``[B, N, N]`` bool: new token i sees new tokens 0..i."""
@@ -43,16 +45,10 @@ def step_mask(past_valid: torch.Tensor, new_structure: torch.Tensor, new_valid: 
     """Additive mask ``[B, 1, N, P + N]`` for N new tokens after a cache whose slots are ``past_valid``.
 
     ``new_structure`` ``[B, N, N]`` (or ``[N, N]``) says which new tokens see which; ``new_valid`` ``[B, N]``
-    marks padding among the new tokens (pads are never attended to).
+    marks padding among the new tokens (pads are never attended to). Runs the ``tokopt.kernels`` dispatch
+    (Numba or the torch reference, ``kernels/tree_inputs.py``).
     """
-    batch, n = past_valid.shape[0], new_structure.shape[-1]
-    structure = new_structure.expand(batch, n, n)
-    if new_valid is not None:
-        structure = structure & new_valid[:, None, :]
-    allowed = torch.cat([past_valid[:, None, :].expand(batch, n, past_valid.shape[1]), structure], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=past_valid.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return kernel_step_mask(past_valid, new_structure, new_valid, dtype)
 
 
 def prompt_positions(prompt_valid: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from tokopt.kernels.tree_inputs import ancestor_matrix, tree_inputs  # noqa: F401 (ancestor_matrix: public here)
 
 
 @dataclass
@@ -70,27 +73,16 @@ class TreeBatch:
     valid: torch.Tensor  # [B, N] False on padding nodes
 
 
-def ancestor_matrix(parents) -> torch.Tensor:
-    """``[N, N]`` bool: node i sees node j iff j is i or one of its ancestors (parents-first lists)."""
-    n = len(parents)
-    seen = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        seen[i] |= seen[parents[i]]
-    return seen
-
-
 def pack_trees(trees, positions: torch.Tensor, pad_token: int = 0) -> TreeBatch:
-    """Pad ``trees`` to the widest one; ``positions[b]`` is the position of row b's root."""
+    """Pad ``trees`` to the widest one; ``positions[b]`` is the position of row b's root. Positions, structure
+    and validity come from the ``tokopt.kernels`` dispatch (``kernels/tree_inputs.py``)."""
     width = max(t.size for t in trees)
     batch = len(trees)
-    tokens = torch.full((batch, width), pad_token, dtype=torch.long)
-    depths = torch.zeros((batch, width), dtype=torch.long)
-    structure = torch.zeros((batch, width, width), dtype=torch.bool)
-    valid = torch.zeros((batch, width), dtype=torch.bool)
+    tokens = np.full((batch, width), pad_token, dtype=np.int64)
+    parents = np.zeros((batch, width), dtype=np.int64)
     for b, tree in enumerate(trees):
-        n = tree.size
-        tokens[b, :n] = torch.tensor(tree.tokens)
-        depths[b, :n] = torch.tensor(tree.depths)
-        structure[b, :n, :n] = ancestor_matrix(tree.parents)
-        valid[b, :n] = True
-    return TreeBatch(tokens, positions[:, None] + depths, structure, valid)
+        tokens[b, : tree.size] = tree.tokens
+        parents[b, : tree.size] = tree.parents
+    sizes = torch.tensor([t.size for t in trees], dtype=torch.long)
+    pos, structure, valid = tree_inputs(torch.from_numpy(parents), sizes, positions.long())
+    return TreeBatch(torch.from_numpy(tokens), pos, structure, valid)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokopt.kernels.accept import greedy_accept
+
 from tokopt.runtime.sampling import SamplingParams, process_logits
 
 
@@ -42,16 +44,9 @@ class Verdict:
 
 
 def verify_greedy(tree, logits: torch.Tensor) -> Verdict:
-    """Longest path whose every token is the target argmax at its parent (see module docstring)."""
-    best = logits[: tree.size].argmax(dim=-1).tolist()
-    node, path = 0, [0]
-    while True:
-        want = best[node]
-        child = next((c for c in tree.children[node] if tree.tokens[c] == want), None)
-        if child is None:
-            return Verdict(path, want)
-        node = child
-        path.append(node)
+    """Longest path whose every token is the target argmax at its parent (see module docstring); the walk is
+    the ``tokopt.kernels`` greedy acceptance (``kernels/accept.py``: Numba or the torch reference)."""
+    return Verdict(*greedy_accept(tree, logits))
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

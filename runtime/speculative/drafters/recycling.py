@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tokopt.errors import TokoptError
+from tokopt.kernels.recycling import recycling_fill, recycling_update
 from tokopt.runtime.speculative.acceptance import RankAcceptance, best_tree, expected_tokens
 from tokopt.runtime.speculative.drafters.base import Drafter, insert_path
 from tokopt.runtime.speculative.drafters.lookup import NgramIndex
@@ -103,20 +104,7 @@ class TokenRecycling(Drafter):
         return DraftTree(*tree)
 
     def _fill(self, root: int):
-        tokens, parents = [root], [-1]
-        where = {0: 0}  # template index -> tree index (dropped nodes absent)
-        adj = self._adj
-        for i, (parent, rank) in enumerate(self.template, start=1):
-            at = where.get(parent)
-            if at is None:
-                continue
-            tok = int(adj[tokens[at], rank])
-            if tok < 0:
-                continue
-            where[i] = len(tokens)
-            tokens.append(tok)
-            parents.append(at)
-        return tokens, parents
+        return recycling_fill(self.adj, [root], self.template)[0]
 
     def _merge_lookup(self, tree, b, history):
         tokens, parents = tree
@@ -128,8 +116,7 @@ class TokenRecycling(Drafter):
             insert_path(tokens, parents, children, conts[0], limit=len(tokens) + self.config.lookup_nodes)
 
     def observe(self, tokens, logits, valid):
-        top = logits.topk(self.config.k, dim=-1).indices.to(torch.int32)
-        self.adj[tokens[valid]] = top[valid]
+        recycling_update(self.adj, tokens, valid, logits)
 
     def feedback(self, trees, verdicts):
         for b, (tree, verdict, cand) in enumerate(zip(trees, verdicts, self._snapshots)):
