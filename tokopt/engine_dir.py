@@ -38,7 +38,8 @@ FORMAT = "tokopt-engine"
 FORMAT_VERSION = 1
 TARGETS = ("onnx", "ep", "tensorrt")
 GRAPH_FILES = {"onnx": "model.onnx", "ep": "program.pt2", "tensorrt": "program_trt.ep"}
-GRAPH_META = ("ppd",)  # keys of gm.meta['tokopt'] an engine directory keeps
+GRAPH_META = ("ppd",)
+LOWERINGS = {"onnx": ("lower_grouped_mm",), "tensorrt": ("lower_grouped_mm",), "ep": ()}  # export-time passes  # keys of gm.meta['tokopt'] an engine directory keeps
 
 
 def _versions() -> dict:
@@ -67,6 +68,7 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
         raise TokoptError(f"{out_dir} exists and is not an engine directory; choose an empty or new directory")
+    gm, lowered = _lower_for(target, gm)
     meta = gm.meta["tokopt"]
     spec: GraphSpec = meta["spec"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -88,13 +90,14 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
             "dims": {"input_ids": "[batch, n_new]", "attention_mask": "[batch, 1, n_new, past + n_new] additive",
                      "logits_rows": "[rows]", "past_*": "[batch, kv_heads, past >= 1, head_dim]",
                      "logits": "[batch, rows, vocab]", "present_*": "[batch, kv_heads, past + n_new, head_dim]"},
-            "passes": [r.name for r in opt.report.passes],
+            "passes": [r.name for r in opt.report.passes] + [r.name for r in lowered],
             # facts the runtime needs about the graph (ppd_slots: k prompt tokens and their measured accuracies)
             "graph_meta": {key: meta[key] for key in GRAPH_META if key in meta},
             "speculative": opt.speculative.method if opt.speculative is not None else None,
             "generation": {"eos_token_ids": list(opt.defaults.eos_token_ids), "pad_token_id": opt.defaults.pad_token_id},
             "versions": _versions(),
-            "report": opt.report.to_dict() | {"export_s": time.perf_counter() - start},
+            "report": opt.report.to_dict() | {"export_s": time.perf_counter() - start,
+                                              "lowering": [r.to_dict() for r in lowered]},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (tmp / "report.md").write_text(f"# tokopt engine report\n\n```\n{opt.report}\n```\n")
@@ -103,6 +106,20 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
         tmp.rename(out_dir)
         tmp.mkdir()  # TemporaryDirectory cleans up a path that must exist
     return out_dir
+
+
+def _lower_for(target, gm):
+    """The graph as ``target`` needs it: export-time lowerings (``LOWERINGS``) run on a copy when they have
+    something to change, so the caller's eager graph keeps its fast ops. Returns (graph, their reports)."""
+    import copy
+
+    from tokopt.pass_manager import run_passes
+    from tokopt.passes.lower_grouped_mm import grouped_mm_nodes
+
+    if not LOWERINGS[target] or not grouped_mm_nodes(gm):
+        return gm, []
+    with progress_step(f"lowering ops {target} has no kernel for ({', '.join(LOWERINGS[target])})"):
+        return run_passes(copy.deepcopy(gm), list(LOWERINGS[target]))
 
 
 def _write_graph(target, gm, spec, output_names, path: Path) -> None:

@@ -1,0 +1,41 @@
+"""lower_grouped_mm: the standard-op form equals transformers' grouped_mm_fallback (empty experts, rows past the
+last offset), the pass replaces every call in a captured MoE graph with outputs unchanged to rounding, and says
+why when a dense graph has none."""
+
+import pytest
+import torch
+import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+from tokopt.capture import capture, example_inputs
+from tokopt.passes.lower_grouped_mm import grouped_mm_dense, grouped_mm_nodes, lower_grouped_mm
+
+OP = torch.ops.transformers.grouped_mm_fallback.default
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 2, 1], [0, 0, 5, 0], [1, 1, 1, 1], [0, 0, 0, 0], [2, 0, 0, 1]])
+def test_dense_form_equals_the_custom_op(counts):
+    gen = torch.Generator().manual_seed(sum(counts))
+    rows = sum(counts) + (2 if counts == [2, 0, 0, 1] else 0)  # the last case: 2 rows past offs[-1]
+    x = torch.randn(rows, 6, generator=gen)
+    w = torch.randn(len(counts), 6, 5, generator=gen)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    torch.testing.assert_close(grouped_mm_dense(x, w, offs), OP(x, w, offs), atol=1e-5, rtol=1e-5)
+
+
+def test_pass_lowers_every_call_of_a_moe_graph(tiny_model):
+    gm = capture(tiny_model("mixtral"))
+    spec = gm.meta["tokopt"]["spec"]
+    args = example_inputs(spec)
+    before = gm(*args)
+    calls = len(grouped_mm_nodes(gm))
+    assert calls >= spec.num_layers  # gate-up and down per layer (at least one per layer)
+    gm, report = lower_grouped_mm(gm)
+    assert report.changed and report.matched == calls and not grouped_mm_nodes(gm)
+    for a, b in zip(gm(*args), before):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dense_graph_says_why_nothing_matched(tiny_qwen2_graph):
+    gm, _ = tiny_qwen2_graph
+    gm, report = lower_grouped_mm(gm)
+    assert not report.changed and "grouped_mm_fallback" in report.why_not
