@@ -85,6 +85,7 @@ _CUDA = {}
 def cuda_kernels():
     """``greedy_accept``: one thread per tree row of a batch (compiled on first use; also under the simulator)."""
     if not _CUDA:
+        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
         from numba import cuda
 
         @cuda.jit

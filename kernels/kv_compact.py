@@ -19,7 +19,7 @@ import torch
 from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_njit
 
 IN_PLACE, MOVE, GATHER, OUT_OF_RANGE = 0, 1, 2, 3
-NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+NUMBA_DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 caches: the reference
 
 
 def compact_tail_reference(tensors, start: int, index: torch.Tensor, index_valid: torch.Tensor) -> None:
@@ -95,6 +95,7 @@ _CUDA = {}
 def cuda_kernels():
     """``move``: one thread per (row, head, channel), slots moved in increasing j (safe in place)."""
     if not _CUDA:
+        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
         from numba import cuda
 
         @cuda.jit
@@ -139,7 +140,7 @@ def _device(tensors, *args):
 
 
 def _accepts(tensors, *args):
-    return all(t.dtype in NUMPY_DTYPES for t in tensors)
+    return all(t.dtype in NUMBA_DTYPES for t in tensors)
 
 
 COMPACT_TAIL = Kernel("compact_tail", reference=compact_tail_reference, cpu=compact_tail_cpu,

@@ -195,6 +195,7 @@ _CUDA = {}
 def cuda_kernels():
     """The ``@cuda.jit`` kernels: update one thread per logits row, fill one thread per root."""
     if not _CUDA:
+        global cuda, float64, int64  # module globals: the simulator swaps the kernels' global `cuda`
         from numba import cuda, float64, int64
 
         @cuda.jit
@@ -211,9 +212,9 @@ def cuda_kernels():
             idx = cuda.local.array(CUDA_MAX_K, int64)
             count = 0
             for v in range(vocab):
-                x = float64(logits[b, i, v])
-                if x != x:
-                    x = np.inf
+                x = logits[b, i, v] * 1.0
+                # sort key: NaN above +inf above every finite value (as on the CPU and in torch.topk)
+                x = np.inf if x != x else (F64_MAX if x == np.inf else x)
                 if count == k and not x > vals[k - 1]:
                     continue
                 j = count if count < k else k - 1

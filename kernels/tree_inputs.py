@@ -142,6 +142,7 @@ _CUDA = {}
 def cuda_kernels():
     """The ``@cuda.jit`` kernels (compiled on first use; also under ``NUMBA_ENABLE_CUDASIM=1``)."""
     if not _CUDA:
+        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
         from numba import cuda
 
         @cuda.jit
