@@ -151,10 +151,41 @@ def _write_onnx(gm, spec, output_names, path: Path) -> None:
     with progress_step("lowering to ONNX (torch.onnx, dynamo); about a minute for SmolLM2"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, (), input_names=spec.input_names,
-                                             output_names=output_names, dynamo=True, external_data=True,
-                                             optimize=True, verbose=False)
+            try:
+                onnx_program = torch.onnx.export(program, (), input_names=spec.input_names,
+                                                 output_names=output_names, dynamo=True, external_data=True,
+                                                 optimize=True, verbose=False)
+            except Exception as exc:
+                raise EngineError(export_failure(gm, exc, "onnx")) from exc
         onnx_program.save(str(path), external_data=True)
+
+
+def export_failure(gm, exc, target: str) -> str:
+    """One message naming what failed: the op, the graph nodes calling it and the pass that made them (or the
+    model module they came from), and what to do."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"OpOverload\(op='([^']+)'", text) or re.search(r"for (\w+::\w+)", text)
+    if not found:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return f"{target} export failed: {type(exc).__name__}: {first[:300]}"
+    op = found.group(1)
+    short = op.replace("::", ".")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and short in str(n.target)]
+    where = []
+    for n in nodes[:3]:
+        made_by = n.meta.get("tokopt_pass")
+        if made_by:
+            where.append(f"node {n.name} (added by pass {made_by!r})")
+        else:
+            stack = list(n.meta.get("nn_module_stack", {}).values())
+            module = stack[-1][0] if stack else "?"
+            where.append(f"node {n.name} (from the model, module {module})")
+    more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+    return (f"{target} export failed: op {op} has no {target} lowering; it is called at "
+            f"{', '.join(where) or 'a node of the re-exported graph'}{more}. Drop the pass that adds it, add a "
+            f"lowering (tokopt.engine_dir.LOWERINGS), or export with --target ep")
 
 
 def _load_graph(target, model_file, spec, outputs, threads):

@@ -82,9 +82,13 @@ def run_passes(gm: torch.fx.GraphModule, names) -> tuple[torch.fx.GraphModule, l
     reports = []
     for name in names:
         start = time.perf_counter()
+        before = set(gm.graph.nodes)
         try:
             gm, report = passes[name].fn(gm)
             gm.graph.lint()
+            for node in gm.graph.nodes:  # who made each node: export failures name the pass
+                if node not in before:
+                    node.meta.setdefault("tokopt_pass", name)
         except TokoptError:
             raise
         except Exception as exc:
