@@ -45,9 +45,9 @@ class KVCache:
     def compact(self, keep: torch.Tensor) -> "KVCache":
         """Keep slots ``keep`` ([length'] shared by the batch, or [B, length'] per row), in that order."""
         if keep.dim() == 1:
-            tensors = [t.index_select(2, keep) for t in self.tensors]
+            tensors = [t.index_select(2, keep.to(t.device)) for t in self.tensors]
             return KVCache(tensors, self.valid.index_select(1, keep))
-        index = keep[:, None, :, None]
+        index = keep[:, None, :, None].to(self.tensors[0].device if self.tensors else keep.device)
         tensors = [t.gather(2, index.expand(t.shape[0], t.shape[1], keep.shape[1], t.shape[3])) for t in self.tensors]
         return KVCache(tensors, self.valid.gather(1, keep))
 
