@@ -189,14 +189,14 @@ def _short(filename: str) -> str:
 
 
 def print_table(results: list):
-    header = f"{'per decode step (median, ms)':30s}" + "".join(f"{r['label']:>12s}" for r in results)
+    header = f"{'per decode step (median, ms)':30s}" + "".join(f"{r['label']:>14s}" for r in results)
     print(header)
     print("-" * len(header))
     for key in ["step", "model", "non_model"] + NON_MODEL:
-        print(f"{key:30s}" + "".join(f"{1e3 * r['summary']['median_s'][key]:12.3f}" for r in results))
-    print(f"{'non-model share (median)':30s}" + "".join(f"{100 * r['summary']['non_model_share_median']:11.1f}%" for r in results))
-    print(f"{'non-model share (of total)':30s}" + "".join(f"{100 * r['summary']['non_model_share_of_total']:11.1f}%" for r in results))
-    print(f"{'steps':30s}" + "".join(f"{r['summary']['steps']:12d}" for r in results))
+        print(f"{key:30s}" + "".join(f"{1e3 * r['summary']['median_s'][key]:14.3f}" for r in results))
+    print(f"{'non-model share (median)':30s}" + "".join(f"{100 * r['summary']['non_model_share_median']:13.1f}%" for r in results))
+    print(f"{'non-model share (of total)':30s}" + "".join(f"{100 * r['summary']['non_model_share_of_total']:13.1f}%" for r in results))
+    print(f"{'steps':30s}" + "".join(f"{r['summary']['steps']:14d}" for r in results))
 
 
 def plot(results: list, path: Path):
@@ -225,7 +225,9 @@ def plot(results: list, path: Path):
                  va="bottom")
     ax2.set_ylabel("ms per decode step (median)")
     ax2.set_title("step time")
-    ax2.legend(loc="lower center")
+    ax2.set_ylim(0, 1.3 * max(m + n for m, n in zip(model, non_model)))
+    ax2.tick_params(axis="x", labelrotation=30)
+    ax2.legend(loc="upper center", ncol=2, fontsize="small")
     fig.suptitle(f"Token Recycling on SmolLM2-135M ({results[0]['engine']}), runtime overhead per decode step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
