@@ -380,7 +380,10 @@ def main():
     else:
         parts["kernels"] = {"skipped": f"numba.cuda cannot use the device: {env.get('numba_cuda_why')}"}
         print(f"Numba CUDA kernels: skipped ({parts['kernels']['skipped']})")
+    if not parts["kernels"].get("ok"):  # kernels that fail to compile or disagree must not stop the engine part
+        os.environ["TOKOPT_KERNELS"] = "reference"
     parts["engine"] = _guarded(lambda: engine_checks(args, deadline))
+    parts["engine"]["kernels_backend"] = os.environ.get("TOKOPT_KERNELS", "auto")
     _write(args.out, report, start)
     _print_engine(parts["engine"])
     print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
