@@ -1,6 +1,7 @@
 """GPU checks (issue 7): the Numba CUDA kernels against their references, the eager engine on CUDA, decode/verify times.
 
-One command on a CUDA machine, about 3-6 minutes on an H200 (it stops starting new parts after --budget-s):
+One command on a CUDA machine (expected a few minutes on an H200, not yet run on one; it starts no new part after
+--budget-s, 420 s by default):
 
     python bench/gpu_check.py --out bench/gpu_check.json
 

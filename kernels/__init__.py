@@ -1,0 +1,11 @@
+"""Kernels for the runtime's hot loops, one family per file, each with a torch reference, a Numba CPU (``njit``,
+cached) and a Numba CUDA version behind one dispatch (``dispatch.py``, ``TOKOPT_KERNELS=auto|numba|reference``):
+
+- ``tree_inputs.py``: positions, ancestor structure and validity of a batch of draft trees; the step mask;
+- ``accept.py``: greedy acceptance of a draft tree (argmax only along the walk);
+- ``recycling.py``: Token Recycling's adjacency update (top-k of the logits) and template tree fill;
+- ``kv_compact.py``: moving accepted tree slots to the front of the K/V cache's tail.
+
+``cuda_check.py`` checks the CUDA versions against the references (``--sim``: Numba's simulator); the profile that
+chose these is ``bench/overhead.py`` (figures in bench/RESULTS.md).
+"""
