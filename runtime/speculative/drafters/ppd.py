@@ -12,9 +12,10 @@ depth); when that node carries no chain, the nearest ancestor's chain is used sh
 (its prompt token d guesses the same position), with fewer levels. The next tree is the best tree under
 per-(depth, rank) acceptance rates (``acceptance.best_tree``: a dynamic sparse tree), the rates starting from
 the artifact's held-out rank accuracies and learned online (``RankAcceptance``). Which nodes carry chains: the
-root and the nodes most likely to be the last accepted one. Tree size and chain count are chosen together
-from the measured verify latency (``tree_size.LatencyProfile``): the shape maximizing expected tokens per
-second, where a step whose last accepted node has no chain is assumed to get ``FALLBACK_SHARE`` of the draft
+root and the nodes most likely to be the last accepted one. Tree size, chain count and chain length (a chain
+may carry fewer than k prompt tokens: each costs a verify row, and the far guesses are the weakest) are chosen
+together from the measured verify latency (``tree_size.LatencyProfile``): the shape maximizing expected tokens
+per second, where a step whose last accepted node has no chain is assumed to get ``FALLBACK_SHARE`` of the draft
 gain next time.
 
 ``ppd+recycling`` merges Token Recycling's tree (recycled successors and prompt lookup, sized by recycling's
@@ -48,11 +49,14 @@ class PPDConfig:
     chain_nodes: int = 2  # nodes carrying a prompt chain, the root included (without a latency profile)
     ranks: int = 10  # candidates per depth
     max_chain_nodes: int = 8  # most chains the latency rule considers
+    chain_len: int | None = None  # prompt tokens per chain (None: all k; the latency rule may use fewer)
     reshape_every: int = 16  # steps between shape updates from acceptance statistics
 
     def __post_init__(self):
         if self.budget < 1 or self.chain_nodes < 1 or self.ranks < 1 or self.max_chain_nodes < 1:
             raise TokoptError(f"PPD budget, chain_nodes, ranks and max_chain_nodes must be >= 1: {self}")
+        if self.chain_len is not None and self.chain_len < 1:
+            raise TokoptError(f"PPD chain_len must be >= 1 prompt token (or None for all), got {self.chain_len}")
 
 
 def rank_prior(rank_accuracy, ranks: int) -> torch.Tensor:
@@ -73,8 +77,9 @@ class ParallelPromptDecoding(Drafter):
         self.stats = RankAcceptance(k, config.ranks, prior=rank_prior(rank_accuracy, config.ranks),
                                     prior_weight=PRIOR_WEIGHT)
         self.budget, self.chain_nodes = config.budget, config.chain_nodes
+        self.chain_len = min(config.chain_len or k, k)
         self.profile, self.max_nodes = None, config.budget
-        self.template = best_tree(self.stats.rates(), self.budget)
+        self.template = best_tree(self.stats.rates()[: self.chain_len + 1], self.budget)
         self._steps = 0
         self._guesses, self._used, self._chains, self._logits = [], [], [], None
 
@@ -93,24 +98,25 @@ class ParallelPromptDecoding(Drafter):
     def _reshape(self) -> None:
         rates = self.stats.rates()
         if self.profile is not None:
-            self.budget, self.chain_nodes = self._best_shape(rates)
-        self.template = best_tree(rates, self.budget)
+            self.budget, self.chain_nodes, self.chain_len = self._best_shape(rates)
+        self.template = best_tree(rates[: self.chain_len + 1], self.budget)
 
     def _best_shape(self, rates) -> tuple:
-        template = best_tree(rates, self.max_nodes)
-        values = path_values(rates, template)
+        """(guess nodes, chains, prompt tokens per chain) maximizing expected tokens per second."""
         best = None
-        for n in range(1, len(template) + 1):
-            last = _last_probs(template[:n], values[:n])
-            order = sorted(last, reverse=True)
-            gain = sum(values[:n])
-            for m in range(1, min(n + 1, self.config.max_chain_nodes) + 1):
-                covered = sum(order[:m])
-                tokens = 1 + gain * (covered + (1 - covered) * FALLBACK_SHARE)
-                rate = tokens / self.profile(1 + n + self._extra_nodes() + self.k * m)
-                if best is None or rate > best[0]:
-                    best = (rate, n, m)
-        return best[1], best[2]
+        for c in range(1, self.k + 1):  # a chain of c prompt tokens guesses c levels of the next tree
+            template = best_tree(rates[: c + 1], self.max_nodes)
+            values = path_values(rates, template)
+            for n in range(1, len(template) + 1):
+                order = sorted(_last_probs(template[:n], values[:n]), reverse=True)
+                gain = sum(values[:n])
+                for m in range(1, min(n + 1, self.config.max_chain_nodes) + 1):
+                    covered = sum(order[:m])
+                    tokens = 1 + gain * (covered + (1 - covered) * FALLBACK_SHARE)
+                    rate = tokens / self.profile(1 + n + self._extra_nodes() + c * m)
+                    if best is None or rate > best[0]:
+                        best = (rate, n, m, c)
+        return best[1:]
 
     # -- the Drafter interface ------------------------------------------------------------------------------------
     @property
@@ -173,7 +179,7 @@ class ParallelPromptDecoding(Drafter):
         chains = {}
         for node in self._chain_nodes(parents, values):
             rows = []
-            for j in range(self.k):
+            for j in range(self.chain_len):
                 parents.append(node if j == 0 else len(tokens) - 1)
                 rows.append(len(tokens))
                 tokens.append(self.vocab + j)

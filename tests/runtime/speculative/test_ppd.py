@@ -97,4 +97,19 @@ def test_shape_follows_latency():
     big, small = (ParallelPromptDecoding(100, 3, ACCURACY, PPDConfig(ranks=3)) for _ in range(2))
     big.set_profile(flat, 24)
     small.set_profile(steep, 24)
-    assert big.budget > small.budget and big.chain_nodes >= small.chain_nodes
+    assert big.budget > small.budget and big.chain_nodes >= small.chain_nodes and big.chain_len >= small.chain_len
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("method", ["ppd", "ppd+recycling"])
+def test_fifty_questions_128_tokens(ppd_opt, opt, method, batch, spec_bench_questions, pick_questions):
+    spec = ppd_opt.with_speculative(method)  # tree size from this machine's measured latency
+    questions = pick_questions(spec_bench_questions, 50)
+    prompts = [q["turns"][0] for q in questions]
+    for start in range(0, len(prompts), batch):
+        ids, mask = encode_prompts(ppd_opt.tokenizer, prompts[start:start + batch])
+        plain = opt.generate(ids, mask, max_new_tokens=128)
+        got = spec.generate(ids, mask, max_new_tokens=128)
+        for row in range(ids.shape[0]):
+            assert torch.equal(got[row], plain[row]), f"{method} differs on {prompts[start + row][:80]!r}"
