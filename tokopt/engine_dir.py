@@ -196,10 +196,14 @@ def _load_graph(target, model_file, spec, outputs, threads):
 
         return OrtEngine(model_file, spec, outputs, threads=threads)
     if target == "ep":
-        return EagerEngine(torch.export.load(str(model_file)).module(), spec, outputs)
+        engine = EagerEngine(torch.export.load(str(model_file)).module(), spec, outputs)
+        engine.name = "torch.export"
+        return engine
     from tokopt.tensorrt_target import load_tensorrt
 
-    return EagerEngine(load_tensorrt(model_file), spec, outputs)
+    engine = EagerEngine(load_tensorrt(model_file), spec, outputs)
+    engine.name = "tensorrt"
+    return engine
 
 
 def read_manifest(path) -> dict:

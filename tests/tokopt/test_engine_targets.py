@@ -42,6 +42,7 @@ def test_ep_manifest_and_program(ep_export):
 def test_ep_greedy_and_taps_equal_eager(ep_export):
     opt, path = ep_export
     ep = load_engine(path, uncertainty=True)
+    assert ep.engine.name == "torch.export"
     want = opt.generate(IDS, MASK, max_new_tokens=12)
     got = ep.generate(IDS, MASK, max_new_tokens=12)
     assert torch.equal(got, want)
