@@ -1,6 +1,6 @@
 """PPD's long-range guesses with the trained prompt tokens against the untrained ones (the control), online.
 
-Both variants decode the same Spec-Bench questions greedily with ``speculative="ppd"`` in the eager engine, in one
+Both variants decode the same Spec-Bench questions greedily with ``speculative="ppd"`` in the eager engine (``tokopt.optimize``), in one
 fixed shape that drafts every position (6 guess nodes, 2 chains of all 3 prompt tokens; one capture each; the control's prompt embeddings are the mean token embedding, which is where training starts) and
 report, per position after the last accepted token (t+2, t+3, t+4), how often the prompt token's top-1 and top-10
 guesses were the emitted token (given the previous position was accepted), MAT, tokens/s, and the extra memory
@@ -17,13 +17,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 import tokopt
 from tokopt.bench import machine
 from tokopt.bench_speculative import guess_counts, load_spec_bench
-from tokopt.capture import capture
-from tokopt.models import model_fingerprint
 from tokopt.passes.ppd_slots import TABLE
 from tokopt.progress import progress_bar
 from tokopt.runtime import kv_cache
@@ -55,15 +52,11 @@ class PeakCache:
 
 
 def variant(model, tokenizer, artifact):
-    gm = capture(model)
-    add_ppd_slots(gm, model, artifact)
-    from tokopt.optimized_model import GenerationDefaults, OptimizedModel
-    from tokopt.runtime.eager_engine import EagerEngine
-
-    meta = gm.meta["tokopt"]
-    return OptimizedModel(EagerEngine(gm, meta["spec"], meta["output_names"]),
-                          defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer, graph_module=gm,
-                          model=model, model_key=model_fingerprint(model))
+    """``tokopt.optimize(model)`` (its own capture) with ``artifact``'s prompt embeddings in the slots."""
+    opt = tokopt.optimize(model)
+    opt.tokenizer = tokenizer
+    add_ppd_slots(opt.graph_module, model, artifact)
+    return opt
 
 
 # Every position measured: all 3 prompt tokens on every chain and a fixed tree (the latency rule would drop the
