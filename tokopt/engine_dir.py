@@ -38,8 +38,8 @@ FORMAT = "tokopt-engine"
 FORMAT_VERSION = 1
 TARGETS = ("onnx", "ep", "tensorrt")
 GRAPH_FILES = {"onnx": "model.onnx", "ep": "program.pt2", "tensorrt": "program_trt.ep"}
-GRAPH_META = ("ppd",)
-LOWERINGS = {"onnx": ("lower_grouped_mm",), "tensorrt": ("lower_grouped_mm",), "ep": ()}  # export-time passes  # keys of gm.meta['tokopt'] an engine directory keeps
+GRAPH_META = ("ppd",)  # keys of gm.meta['tokopt'] an engine directory keeps
+LOWERINGS = {"onnx": ("lower_grouped_mm",), "tensorrt": ("lower_grouped_mm",), "ep": ()}  # export-time passes
 
 
 def _versions() -> dict:
