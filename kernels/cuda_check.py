@@ -216,6 +216,27 @@ def check_kv_compact(mode, rng):
     return out
 
 
+def check_logit_stats(mode, rng):
+    from tokopt.kernels import logit_stats as K
+
+    out = []
+    for rows, vocab, masked in ((1, 1, 0), (3, 300, 0), (2, 1000, 7)):
+        logits = torch.from_numpy((3 * rng.standard_normal((rows, vocab))).astype(np.float32))
+        if masked:
+            logits[:, :masked] = -float("inf")  # masked vocabulary entries: 0 log 0 counts 0
+        want = K.logit_stats_reference(logits)
+        if mode == "device":
+            got = [t.cpu() for t in K.logit_stats_cuda(logits.cuda())]
+        else:
+            got = [np.zeros(rows, dtype=np.float32) for _ in K.OUTPUTS]
+            K.rows_launch(logits.numpy(), *got)
+            got = [torch.from_numpy(a) for a in got]
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(want, got))
+        detail = f"max diff {max(float((a - b).abs().max()) for a, b in zip(want, got)):.2e}"
+        out.append(_result("logit_stats", f"rows={rows} V={vocab} masked={masked}", ok, detail))
+    return out
+
+
 def same_compaction(want, got, start, index_valid) -> bool:
     """Equal on the slots before ``start`` and on every valid moved-to slot (invalid ones are unspecified)."""
     if not torch.equal(want[:, :, :start], got[:, :, :start]):
@@ -237,7 +258,7 @@ def run_checks(mode: str, seed: int = 0) -> list:
         raise ValueError(f"mode must be 'device' or 'sim', got {mode!r}")
     rng = np.random.default_rng(seed)
     results = []
-    for check in (check_tree_inputs, check_greedy_accept, check_recycling, check_kv_compact):
+    for check in (check_tree_inputs, check_greedy_accept, check_recycling, check_kv_compact, check_logit_stats):
         results += check(mode, rng)
     return results
 

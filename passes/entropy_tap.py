@@ -2,8 +2,9 @@
 
 Adds two outputs, ``entropy`` ``[B, R]`` (nats, of softmax(logits)) and ``max_logprob`` ``[B, R]`` (the
 log-probability of the argmax token, so the chosen token's under greedy decoding), for every logits row the
-forward produces. They are read from the same logits the runtime samples from, so they cost one
-log-softmax and change nothing: the ``logits`` output is the very same node, bit-identical.
+forward produces. They are read from the same logits the runtime samples from by one ``tokopt::logit_stats`` node
+(``kernels/logit_stats.py``: one op through every export target) and change nothing: the ``logits`` output is
+the very same node, bit-identical.
 
 Example::
 
@@ -13,8 +14,11 @@ Example::
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
+from tokopt.kernels import logit_stats  # registers torch.ops.tokopt.logit_stats
 from tokopt.pass_manager import PassReport, register_pass
 
 NAME = "entropy_tap"
@@ -33,12 +37,9 @@ def entropy_tap(gm: torch.fx.GraphModule):
     values = list(output.args[0])
     logits = values[names.index("logits")]
     with gm.graph.inserting_before(output):
-        logprobs = gm.graph.call_function(torch.ops.aten._log_softmax.default, (logits, -1, False))
-        probs = gm.graph.call_function(torch.ops.aten.exp.default, (logprobs,))
-        weighted = gm.graph.call_function(torch.ops.aten.mul.Tensor, (probs, logprobs))
-        neg_entropy = gm.graph.call_function(torch.ops.aten.sum.dim_IntList, (weighted, [-1]))
-        entropy = gm.graph.call_function(torch.ops.aten.neg.default, (neg_entropy,))
-        max_logprob = gm.graph.call_function(torch.ops.aten.amax.default, (logprobs, [-1]))
+        stats = gm.graph.call_function(torch.ops.tokopt.logit_stats.default, (logits,))
+        entropy = gm.graph.call_function(operator.getitem, (stats, logit_stats.OUTPUTS.index("entropy")))
+        max_logprob = gm.graph.call_function(operator.getitem, (stats, logit_stats.OUTPUTS.index("max_logprob")))
     output.args = (tuple(values + [entropy, max_logprob]),)
     gm.recompile()
     meta["output_names"] = names + list(TAP_OUTPUTS)

@@ -1,7 +1,8 @@
 """logit_taps: per-row uncertainty of the raw next-token distribution, computed in the graph after the LM head.
 
 For every logits row the forward produces (the decode row, the last prompt row, every node of a verify tree)
-it adds outputs, all from one log-softmax of the same logits node (the ``logits`` output stays bit-identical):
+it adds outputs, all from one ``tokopt::logit_stats`` node and one top-k of the same logits node (the ``logits``
+output stays bit-identical; no ``[rows, V]`` log-softmax is materialised in the graph):
 
 - ``entropy`` ``[B, R]`` (nats) and ``max_logprob`` ``[B, R]`` (as ``entropy_tap``; reused if already there),
 - ``lse`` ``[B, R]``: log-normalizer, so the runtime gets any chosen token's log-probability as ``z[y] - lse``,
@@ -26,6 +27,7 @@ import operator
 
 import torch
 
+from tokopt.kernels import logit_stats  # registers torch.ops.tokopt.logit_stats
 from tokopt.pass_manager import PassReport, register_pass
 
 NAME = "logit_taps"
@@ -53,15 +55,11 @@ def logit_taps(gm: torch.fx.GraphModule):
     g = gm.graph
     with g.inserting_before(output):
         call = g.call_function
-        logprobs = call(aten._log_softmax.default, (logits, -1, False))
-        probs = call(aten.exp.default, (logprobs,))
-        entropy = call(aten.neg.default, (call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (probs, logprobs)), [-1])),))
-        top = call(aten.topk.default, (logprobs, k, -1))
-        top_logprobs = call(operator.getitem, (top, 0))
+        stats = call(torch.ops.tokopt.logit_stats.default, (logits,))
+        entropy, max_logprob, lse = (call(operator.getitem, (stats, i)) for i in range(len(logit_stats.OUTPUTS)))
+        top = call(aten.topk.default, (logits, k, -1))
+        top_logprobs = call(aten.sub.Tensor, (call(operator.getitem, (top, 0)), call(aten.unsqueeze.default, (lse, -1))))
         top_ids = call(operator.getitem, (top, 1))
-        max_logprob = call(aten.select.int, (top_logprobs, -1, 0))
-        max_logit = call(aten.amax.default, (logits, [-1]))
-        lse = call(aten.sub.Tensor, (max_logit, max_logprob))  # max z - (max z - lse)
         max_prob = call(aten.exp.default, (max_logprob,))
         second = call(aten.exp.default, (call(aten.select.int, (top_logprobs, -1, 1)),)) if k > 1 else None
         margin = call(aten.sub.Tensor, (max_prob, second)) if second is not None else max_prob

@@ -29,6 +29,7 @@ import torch
 
 import tokopt
 from tokopt.errors import EngineError, TokoptError
+from tokopt.kernels.graph_ops import ops_in
 from tokopt.optimized_model import GenerationDefaults, OptimizedModel, Report
 from tokopt.pass_manager import PassReport
 from tokopt.progress import progress_step
@@ -93,6 +94,9 @@ def export_engine(opt: OptimizedModel, out_dir, *, target: str = "onnx", model_c
             "passes": [r.name for r in opt.report.passes] + [r.name for r in lowered],
             # facts the runtime needs about the graph (ppd_slots: k prompt tokens and their measured accuracies)
             "graph_meta": {key: meta[key] for key in GRAPH_META if key in meta},
+            # tokopt custom ops in the graph (kernels/graph_ops.py): ONNX gets their standard-op translations,
+            # ep programs keep them as nodes (loading registers them), TensorRT runs them as plugins
+            "tokopt_ops": ops_in(gm),
             "speculative": opt.speculative.method if opt.speculative is not None else None,
             "generation": {"eos_token_ids": list(opt.defaults.eos_token_ids), "pad_token_id": opt.defaults.pad_token_id},
             "versions": _versions(),
@@ -142,6 +146,7 @@ def _write_onnx(gm, spec, output_names, path: Path) -> None:
     import warnings
 
     from tokopt.capture import export_program
+    from tokopt.kernels.graph_ops import onnx_translation_table
 
     # The exporter warns about every torchvision op it cannot find; tokopt graphs use none.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -154,7 +159,8 @@ def _write_onnx(gm, spec, output_names, path: Path) -> None:
             try:
                 onnx_program = torch.onnx.export(program, (), input_names=spec.input_names,
                                                  output_names=output_names, dynamo=True, external_data=True,
-                                                 optimize=True, verbose=False)
+                                                 optimize=True, verbose=False,
+                                                 custom_translation_table=onnx_translation_table())
             except Exception as exc:
                 raise EngineError(export_failure(gm, exc, "onnx")) from exc
         onnx_program.save(str(path), external_data=True)
@@ -196,6 +202,8 @@ def _load_graph(target, model_file, spec, outputs, threads):
 
         return OrtEngine(model_file, spec, outputs, threads=threads)
     if target == "ep":
+        import tokopt.kernels.graph_ops  # noqa: F401  (registers the tokopt ops the program calls)
+
         engine = EagerEngine(torch.export.load(str(model_file)).module(), spec, outputs)
         engine.name = "torch.export"
         return engine

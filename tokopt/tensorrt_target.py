@@ -6,8 +6,10 @@ torch-tensorrt wheel), so ``compile_tensorrt`` and ``load_tensorrt`` are written
 documented API (``torch_tensorrt.Input``, ``torch_tensorrt.dynamo.compile``, ``torch_tensorrt.save`` /
 ``torch_tensorrt.load``) and have not run; what they are handed (``tensorrt_inputs``: one ``Input`` per graph
 input with min/opt/max shapes from the graph's dynamic dimensions) and the clear message when torch-tensorrt is
-missing are tested. tokopt's graph holds only standard aten ops (its passes lower to them), so no plugin is
-needed for the model graph; the runtime kernels (``tokopt.kernels``) run beside the engine, not inside it.
+missing are tested. tokopt's own graph ops (``tokopt::logit_stats``, from the uncertainty taps) become TensorRT
+Quickly Deployable Plugins whose kernels are their Numba CUDA versions (``kernels/graph_ops.py``; the plugin
+functions and their registration are tested against the op's fake kernel, not inside TensorRT); every other
+node is a standard aten op. The runtime kernels (``tokopt.kernels``) run beside the engine, not inside it.
 
 Example::
 
@@ -85,7 +87,10 @@ def compile_tensorrt(gm, spec, path, shapes: ShapeRange = ShapeRange()) -> None:
     """Compile the optimized graph ``gm`` to TensorRT engines and save them (an ExportedProgram) at ``path``."""
     from tokopt.capture import export_program
 
+    from tokopt.kernels.graph_ops import register_tensorrt_plugins
+
     trt = require_tensorrt()
+    register_tensorrt_plugins()  # tokopt ops become TensorRT plugins with Numba CUDA kernels, not graph breaks
     program = export_program(gm.to("cuda"), spec)
     inputs = tensorrt_inputs(spec, shapes, trt)
     compiled = trt.dynamo.compile(program, arg_inputs=inputs, min_block_size=1, use_explicit_typing=True,
@@ -96,5 +101,8 @@ def compile_tensorrt(gm, spec, path, shapes: ShapeRange = ShapeRange()) -> None:
 
 def load_tensorrt(path):
     """The saved TensorRT program as a callable module (on the GPU)."""
+    from tokopt.kernels.graph_ops import register_tensorrt_plugins
+
     trt = require_tensorrt()
+    register_tensorrt_plugins()  # a deserialised engine needs its plugins' register/impl definitions
     return trt.load(str(path)).module()

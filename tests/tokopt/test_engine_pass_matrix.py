@@ -50,3 +50,15 @@ def test_engine_equals_eager(pair, method):
         assert set(engine.last_result.taps) == set(eager.last_result.taps)
         for name, value in eager.last_result.taps.items():
             torch.testing.assert_close(engine.last_result.taps[name], value, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+
+def test_tokopt_ops_are_named_and_lowered(pair):
+    """The taps' tokopt::logit_stats node reaches the engine: listed in the manifest, one node of ep programs
+    (registered again on load), standard ONNX ops in ONNX graphs (plain ONNX Runtime, which refuses unknown
+    domains, ran them in test_engine_equals_eager)."""
+    _, engine = pair
+    assert engine.manifest["tokopt_ops"] == ["tokopt::logit_stats"]
+    if engine.manifest["target"] == "ep":
+        calls = [n.target for n in engine.engine.module.graph.nodes if n.op == "call_function"]
+        assert calls.count(torch.ops.tokopt.logit_stats.default) == 1
