@@ -37,6 +37,14 @@ def _add_passes(p):
                    help="comma-separated passes to run, in order (default: the default pipeline; '' for none)")
 
 
+def _add_ep(p, ep_help):
+    ep = p.add_argument_group("expert parallelism (MoE models, e.g. --model smollm2-moe)")
+    ep.add_argument("--ep", type=int, default=None, metavar="N", help=ep_help)
+    ep.add_argument("--ep-strategy", default=None, choices=["context_coherent", "two_alltoall"],
+                    help="one Alltoall per MoE layer with K/V on every rank (ExFlow; default), or dispatch + combine")
+    ep.add_argument("--placement", default=None, metavar="MAP.json", help="expert placement from `tokopt place`")
+
+
 def _add_speculative(p):
     from tokopt.speculative import METHODS
 
@@ -90,18 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--uncertainty", action="store_true",
                    help="record per-token uncertainty: tokens coloured by entropy (on a terminal) and a summary")
     u.add_argument("--html", default=None, metavar="FILE", help="with --uncertainty: write a self-contained HTML report")
-    ep = g.add_argument_group("expert parallelism (MoE models, e.g. --model smollm2-moe)")
-    ep.add_argument("--ep", type=int, default=None, metavar="N", help="shard the experts over N processes (gloo)")
-    ep.add_argument("--ep-strategy", default="context_coherent", choices=["context_coherent", "two_alltoall"],
-                    help="one Alltoall per MoE layer with K/V on every rank (ExFlow), or dispatch + combine")
-    ep.add_argument("--placement", default=None, metavar="MAP.json", help="expert placement from `tokopt place`")
+    _add_ep(g, "shard the experts over N processes (gloo); an --engine exported with --ep runs on its own ranks")
 
     e = sub.add_parser("export", help="export an engine directory ahead of time",
                        description="Capture MODEL, run the passes and lower it to an engine directory.")
     e.add_argument("model", nargs="?", default=None, help="model name or local HF directory (default: SmolLM2)")
-    e.add_argument("--target", default="onnx", choices=["onnx", "ep", "tensorrt"],
-                   help="onnx (ONNX Runtime, default), ep (a torch.export .pt2 program) or tensorrt "
-                        "(torch-tensorrt; needs it and an NVIDIA GPU)")
+    e.add_argument("--target", default=None, choices=["onnx", "ep", "tensorrt"],
+                   help="onnx (ONNX Runtime, default), ep (a torch.export .pt2 program; with --ep: one program "
+                        "per rank) or tensorrt (torch-tensorrt; needs it and an NVIDIA GPU)")
     e.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     _add_passes(e)
     e.add_argument("--speculative", default=None, metavar="NAME",
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--uncertainty", action="store_true",
                    help="add the uncertainty taps (logit_taps, attention_taps) so the engine records per-token "
                         "uncertainty (load it with --uncertainty)")
+    _add_ep(e, "an expert-parallel engine: one weight file per rank holding only its experts (MoE models; "
+               "run it with `tokopt generate --engine DIR`)")
 
     b = sub.add_parser("bench", help="tokens/s of tokopt (eager, ONNX Runtime) against HF generate",
                        description="Greedy tokens/s of HF generate, tokopt's eager loop and its ONNX Runtime engine on "
@@ -170,7 +176,7 @@ def cmd_generate(args) -> int:
     if any(not p.strip() for p in args.prompts):  # before minutes of loading and capture
         raise PromptError("empty prompt: give a non-blank PROMPT, e.g. tokopt generate \"What is the capital of France?\"")
     speculative = _speculative(args)
-    if args.ep is not None:
+    if args.ep is not None or (args.engine and _is_ep_engine(args.engine)):
         return _generate_ep(args, speculative)
     if args.html and not args.uncertainty:
         raise tokopt.TokoptError("--html writes the uncertainty report: add --uncertainty")
@@ -226,13 +232,14 @@ def _generate_ep(args, speculative) -> int:
     from tokopt.errors import TokoptError
     from tokopt.expert_parallel import generate_text_ep, print_summary
 
-    if args.ep < 1:
+    if args.ep is not None and args.ep < 1:
         raise TokoptError(f"--ep must be a number of processes >= 1, got {args.ep}")
-    unsupported = [flag for flag, on in (("--engine", args.engine), ("--speculative", speculative),
-                                         ("--sample", args.sample), ("--stop", args.stop)) if on]
+    unsupported = [flag for flag, on in (("--speculative", speculative), ("--sample", args.sample),
+                                         ("--stop", args.stop), ("--uncertainty", args.uncertainty)) if on]
     if unsupported:
-        raise TokoptError(f"--ep runs greedy decoding of a model (not {', '.join(unsupported)}); drop those flags")
-    texts, result = generate_text_ep(args.model or "smollm2-moe", args.prompts, ranks=args.ep,
+        raise TokoptError(f"expert-parallel generation is greedy decoding (not {', '.join(unsupported)}); drop "
+                          "those flags")
+    texts, result = generate_text_ep(args.engine or args.model or "smollm2-moe", args.prompts, ranks=args.ep,
                                      strategy=args.ep_strategy, placement=args.placement,
                                      max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
@@ -247,10 +254,48 @@ def _generate_ep(args, speculative) -> int:
     return 0
 
 
+def _is_ep_engine(path) -> bool:
+    from tokopt.ep_engine import is_ep_engine
+
+    return is_ep_engine(path)
+
+
+def _export_ep(args) -> int:
+    import tokopt
+    from tokopt.ep_engine import export_ep_engine, load_ep_engine
+    from tokopt.errors import TokoptError
+    from tokopt.moe.placement import Placement
+
+    if args.ep < 1:
+        raise TokoptError(f"--ep must be a number of ranks >= 1, got {args.ep}")
+    if args.target not in (None, "ep"):
+        raise TokoptError(f"--ep exports each rank's step program for the torch runtime (its Alltoalls run in "
+                          f"torch.distributed between ops), not --target {args.target}; use --target ep or drop it")
+    unsupported = [flag for flag, on in (("--passes", args.passes is not None), ("--speculative", args.speculative),
+                                         ("--uncertainty", args.uncertainty)) if on]
+    if unsupported:
+        raise TokoptError(f"--ep engines run the expert-parallel passes only (not {', '.join(unsupported)}); drop "
+                          "those flags")
+    placement = Placement.from_json(args.placement).assignment if args.placement else None
+    model, tokenizer = tokopt.load(args.model or "smollm2-moe")
+    path = export_ep_engine(model, args.output, ranks=args.ep, strategy=args.ep_strategy or "context_coherent",
+                            placement=placement, tokenizer=tokenizer, model_name=str(args.model or "smollm2-moe"))
+    ranks = load_ep_engine(path).manifest["expert_parallel"]
+    print(f"wrote an expert-parallel engine for {args.ep} ranks to {path}: "
+          + ", ".join(f"{r['file']} {r['bytes'] / 2**20:.1f} MiB" for r in ranks["ranks"])
+          + f" (whole model {ranks['model_bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_export(args) -> int:
     import tokopt
     from tokopt.engine_dir import export_engine
 
+    if args.ep is not None:
+        return _export_ep(args)
+    args.target = args.target or "onnx"
+    if args.ep_strategy or args.placement:
+        raise tokopt.TokoptError("--ep-strategy and --placement shape an expert-parallel engine: add --ep N")
     config = _config(args)  # bad pass names fail before the model loads
     if args.target == "tensorrt":  # so does a missing torch-tensorrt
         from tokopt.tensorrt_target import require_tensorrt

@@ -248,6 +248,11 @@ def load_engine(path, *, threads: int | None = None, speculative=None, uncertain
     path = Path(path)
     manifest = read_manifest(path)
     target = manifest["target"]
+    if "expert_parallel" in manifest:
+        world = manifest["expert_parallel"]["world"]
+        raise EngineError(f"{path} is an expert-parallel engine for {world} ranks: run it with `tokopt generate "
+                          f"--engine {path}` (starts {world} processes) or tokopt.ep_engine.load_ep_engine(path)"
+                          ".generate(prompts)")
     if target not in TARGETS:
         raise EngineError(f"{path} is a {target!r} engine; this version runs {', '.join(TARGETS)} engines")
     model_file = path / GRAPH_FILES[target]

@@ -13,16 +13,33 @@ import sys
 from tokopt.errors import TokoptError
 
 
-def generate_text_ep(model_name, prompts, *, ranks: int, strategy: str = "context_coherent", placement=None,
+def generate_text_ep(model_name, prompts, *, ranks: int | None = None, strategy: str | None = None, placement=None,
                      max_new_tokens: int = 64, chat=None, timeout_s: float = 300.0):
     """Encode ``prompts``, run ``ep_generate`` over ``ranks`` processes, decode; returns (texts, EPResult).
-    ``placement``: a MAP.json path (``tokopt place``), a Placement, an array, or None (contiguous)."""
+    ``model_name``: a model ``tokopt.load`` accepts (``ranks`` needed; ``strategy`` default context_coherent) or an
+    expert-parallel engine directory (``tokopt export --ep N``: its ranks, strategy and placement; ``ranks`` and
+    ``strategy``, if given, must agree). ``placement``: a MAP.json path (``tokopt place``), a Placement, an
+    array, or None (contiguous)."""
+    from tokopt.ep_engine import is_ep_engine, load_ep_engine
     from tokopt.models import load
     from tokopt.moe.placement import Placement
     from tokopt.runtime.distributed.run import ep_generate
     from tokopt.runtime.prompts import encode_prompts
 
-    model, tokenizer = load(model_name)
+    if is_ep_engine(model_name):
+        from transformers import AutoTokenizer
+
+        model = load_ep_engine(model_name)
+        if not (model.path / "tokenizer").is_dir():
+            raise TokoptError(f"{model_name} has no tokenizer/ folder; re-export it with `tokopt export --ep`")
+        tokenizer = AutoTokenizer.from_pretrained(model.path / "tokenizer")
+        ranks, strategy = ranks or model.world, strategy or model.strategy
+    else:
+        if ranks is None:
+            raise TokoptError(f"{model_name} is a model, not an expert-parallel engine: give the number of ranks "
+                              "(--ep N)")
+        model, tokenizer = load(model_name)
+        strategy = strategy or "context_coherent"
     if tokenizer is None:
         raise TokoptError(f"{model_name} has no tokenizer files; text prompts need one")
     if placement is not None and not hasattr(placement, "shape"):

@@ -64,21 +64,30 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
               backend="gloo"):
     """One rank's whole run (the process group is already initialised); returns its results and counters.
     With NCCL the rank works on its own GPU (``cuda:rank % devices``); results come back on the CPU."""
+    from tokopt.ep_engine import EPEngine
     from tokopt.models import load
     from tokopt.runtime.distributed.generate import generate_on_rank
     from tokopt.runtime.distributed.program import StepContext
 
-    own_copy = isinstance(model, str) or not in_torchrun()  # loaded here, or a forked/spawned rank's copy
-    if isinstance(model, str):
-        model = load(model, progress=rank == 0)[0]
-    if backend == "nccl":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        torch.set_default_device(device)  # every buffer the runtime makes lives on this rank's GPU
-        model = model.to(device)
-    gm, reports = build_rank_program(model, rank, world, strategy, placement)
-    if own_copy:
-        drop_full_experts(model)
+    if isinstance(model, EPEngine):  # an exported engine: this rank's program from its own file
+        gm, reports = model.rank_program(rank)
+        if backend == "nccl":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            torch.set_default_device(device)
+            gm = gm.to(device)
+    else:
+        own_copy = isinstance(model, str) or not in_torchrun()  # loaded here, or a forked/spawned rank's copy
+        if isinstance(model, str):
+            model = load(model, progress=rank == 0)[0]
+        if backend == "nccl":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            torch.set_default_device(device)  # every buffer the runtime makes lives on this rank's GPU
+            model = model.to(device)
+        gm, reports = build_rank_program(model, rank, world, strategy, placement)
+        if own_copy:
+            drop_full_experts(model)
     group = dist.group.WORLD if world > 1 else None
     ctx = StepContext.single(gm, len(prompts), rank=rank, world=world, group=group)
     with torch.no_grad():
@@ -130,13 +139,22 @@ def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent
                 timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "gloo") -> EPResult:
     """Greedy-decode ``prompts`` (lists of token ids) with the experts sharded over ``ranks`` processes.
 
-    ``model``: a loaded HF MoE model or a name/path ``tokopt.load`` accepts (each rank loads it then).
+    ``model``: a loaded HF MoE model, a name/path ``tokopt.load`` accepts (each rank loads it then), or an
+    ``EPEngine`` (``tokopt.ep_engine``: each rank loads only its own file; its ranks, strategy and placement).
     ``placement``: ``[MoE layers, experts]`` rank per expert (``tokopt.place``), default contiguous.
     """
+    from tokopt.ep_engine import EPEngine
+
     strategy_passes(strategy, placement)  # a bad strategy fails before any process starts
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TokoptError("prompts must be a non-empty list of non-empty token id lists")
-    if not isinstance(model, str):  # what can be checked here fails before any process starts
+    if isinstance(model, EPEngine):
+        if (ranks, strategy, placement) != (model.world, model.strategy, None):
+            raise TokoptError(f"{model.path} was exported for {model.world} ranks with {model.strategy} (placement "
+                              f"built in); asked for {ranks} ranks with {strategy}"
+                              f"{' and a placement' if placement is not None else ''}: re-export it with "
+                              f"`tokopt export --ep {ranks} --ep-strategy {strategy}` or run it as exported")
+    elif not isinstance(model, str):  # what can be checked here fails before any process starts
         from tokopt.passes.expert_placement import check_placement
         from tokopt.runtime.distributed.program import check_moe
 

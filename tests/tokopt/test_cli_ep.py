@@ -38,3 +38,25 @@ def test_generate_ep_refuses_sampling(tiny_moe_dir, capsys):
     rc = main(["generate", "--model", str(tiny_moe_dir), "--ep", "2", "--sample", "Hi"])
     assert rc == 2
     assert "greedy" in capsys.readouterr().err
+
+
+def test_export_ep_then_generate_from_the_engine(tiny_moe_dir, tmp_path, capsys):
+    args = ["--max-new-tokens", "4", "--no-chat", "Hello there"]
+    assert main(["generate", "--model", str(tiny_moe_dir), "--ep", "2", *args]) == 0
+    want = capsys.readouterr().out
+    assert main(["export", str(tiny_moe_dir), "--ep", "2", "-o", str(tmp_path / "eng")]) == 0
+    out = capsys.readouterr().out
+    assert "expert-parallel engine for 2 ranks" in out and "rank1.safetensors" in out
+    assert main(["generate", "--engine", str(tmp_path / "eng"), *args]) == 0
+    got = capsys.readouterr()
+    assert got.out == want and "context_coherent over 2 ranks" in got.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ep", "2", "--target", "onnx"], "not --target onnx"),
+    (["--ep", "2", "--uncertainty"], "not --uncertainty"),
+    (["--ep-strategy", "two_alltoall"], "add --ep N"),
+])
+def test_export_ep_refusals(tiny_moe_dir, tmp_path, capsys, argv, message):
+    assert main(["export", str(tiny_moe_dir), *argv, "-o", str(tmp_path / "eng")]) == 2
+    assert message in capsys.readouterr().err
