@@ -55,7 +55,8 @@ def logit_taps(gm: torch.fx.GraphModule):
     g = gm.graph
     with g.inserting_before(output):
         call = g.call_function
-        stats = call(torch.ops.tokopt.logit_stats.default, (logits,))
+        stats = next((n for n in logits.users if n.target is torch.ops.tokopt.logit_stats.default), None) or \
+            call(torch.ops.tokopt.logit_stats.default, (logits,))  # entropy_tap's node, if there is one
         entropy, max_logprob, lse = (call(operator.getitem, (stats, i)) for i in range(len(logit_stats.OUTPUTS)))
         top = call(aten.topk.default, (logits, k, -1))
         top_logprobs = call(aten.sub.Tensor, (call(operator.getitem, (top, 0)), call(aten.unsqueeze.default, (lse, -1))))

@@ -60,6 +60,8 @@ def test_reuses_entropy_tap_outputs(tiny_model):
     assert names.count("entropy") == 1 and names.count("max_logprob") == 1
     assert set(TAP_OUTPUTS) <= set(names)
     assert "+outputs lse" in reports[1].detail
+    stats = [n for n in gm.graph.nodes if n.target is torch.ops.tokopt.logit_stats.default]
+    assert len(stats) == 1  # one pass over the logits feeds both passes' outputs
 
 
 def test_why_not_without_logits(tiny_model):
