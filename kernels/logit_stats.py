@@ -1,11 +1,15 @@
 """``tokopt::logit_stats``: entropy, max log-probability and log-normalizer of every logits row, in one op.
 
 The uncertainty taps (``passes/entropy_tap.py``, ``passes/logit_taps.py``) read these three numbers from the
-logits of every row the graph produces. As a composition of aten ops they materialise three ``[rows, V]`` tensors
-(log-softmax, its exp, their product) per step; as one op they are two passes over each row and nothing written
-but the results. Per row z (V logits), with m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)::
+logits of every row the graph produces. One op keeps them one node through every export target and lets each
+target run its best kernel: the Numba/CUDA versions make two passes over a row and write only the results; on a
+CPU the torch reference (log-softmax passes, vectorised by torch) measured fastest, so it runs there by default
+(bench/logit_stats.py). Per row z (V logits), with m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)::
 
-    lse = m + log s        max_logprob = -log s        entropy = log s - t / s   (0 log 0 counted as 0)
+    lse = m + log s        max_logprob = -log s        entropy = log s - t / s
+
+Logits are finite, as an LM head's are; a -inf entry makes the entropy nan in every version, as it does in
+torch's log-softmax composition.
 
 It is tokopt's graph op, so it carries the whole contract every target needs:
 
@@ -14,8 +18,8 @@ It is tokopt's graph op, so it carries the whole contract every target needs:
   versions behind ``kernels.dispatch`` (``TOKOPT_KERNELS``);
 - ``torch.ops.tokopt.logit_stats``: a ``torch.library`` custom op with a fake kernel, so it stays one node through
   ``torch.compile`` and ``torch.export`` (and in ``.pt2`` engines);
-- ``onnx_translation``: the op in standard ONNX ops (ReduceMax, Exp, ReduceSum, Log, Where), which plain ONNX
-  Runtime runs at the speed of its own reductions, so no ORT custom-op library is needed;
+- ``onnx_translation``: the op in standard ONNX ops (LogSoftmax, Exp, ReduceSum, ReduceMax), which plain ONNX Runtime
+  runs with its own kernels, so no ORT custom-op library is needed;
 - ``tensorrt_plugin``: a TensorRT Quickly Deployable Plugin of the same name whose kernel is the Numba CUDA one
   (``kernels.graph_ops.register_tensorrt_plugins`` registers it with TensorRT and torch-tensorrt).
 
@@ -48,14 +52,15 @@ def _check(logits: torch.Tensor) -> None:
 
 def logit_stats_reference(logits: torch.Tensor):
     """``(entropy, max_logprob, lse)``, each ``logits.shape[:-1]`` in ``logits.dtype``; computed in float32
-    (float64 for float64 input) from one log-softmax. Rows need a finite maximum; -inf logits count 0 log 0 = 0."""
+    (float64 for float64 input) with the passes of a log-softmax tap: log-softmax, exp, product, sum, and two
+    maxima (``lse = max z - max log p``; a max with its index is several times slower than two plain maxima)."""
     _check(logits)
     z = logits.float() if logits.dtype != torch.float64 else logits
-    logprobs = torch.log_softmax(z, -1).clamp_min_(torch.finfo(z.dtype).min)  # -inf -> finite: 0 * log 0 = 0
+    logprobs = torch.log_softmax(z, -1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     max_logprob = logprobs.amax(-1)
-    out = (entropy, max_logprob, z.amax(-1) - max_logprob)
-    return tuple(o.to(logits.dtype) for o in out)
+    lse = z.amax(-1) - max_logprob
+    return tuple(o.to(logits.dtype) for o in (entropy, max_logprob, lse))
 
 
 # ----------------------------------------------------------------------------------------------- Numba CPU
@@ -71,7 +76,7 @@ def _rows(z, entropy, max_logprob, lse):
         s = np.float32(0.0)  # float32 for float32 logits, float64 for float64 (Numba unifies)
         t = np.float32(0.0)
         for j in range(z.shape[1]):
-            d = max(z[r, j] - m, np.float32(-1e30))  # -inf -> finite: exp gives 0 and 0 * d = 0
+            d = z[r, j] - m
             e = np.exp(d)
             s += e
             t += e * d
@@ -89,7 +94,7 @@ def _rows_kernel():
     if _rows_jit is None:
         from numba import njit, prange
 
-        # reassociation lets LLVM vectorise the sums; no nnan/ninf flags, so -inf logits stay exact
+        # reassociation lets LLVM vectorise the sums (no nnan/ninf flags: nan and inf propagate as in torch)
         _rows_jit = njit(cache=True, parallel=True, fastmath={"reassoc", "contract", "arcp"})(_rows)
     return _rows_jit
 
@@ -144,8 +149,7 @@ def cuda_kernels():
                 d = z[r, j] - m
                 e = math.exp(d)
                 s += e
-                if e > 0.0:
-                    t += e * d
+                t += e * d
             red_a[tid] = s
             red_b[tid] = t
             cuda.syncthreads()
@@ -220,20 +224,15 @@ def _logit_stats_fake(logits):
 # ----------------------------------------------------------------------------------------------- ONNX
 
 def onnx_translation(logits):
-    """The op in standard ONNX ops, for ``torch.onnx.export(..., custom_translation_table=...)``."""
+    """The op in standard ONNX ops, for ``torch.onnx.export(..., custom_translation_table=...)``: the reference's
+    passes (LogSoftmax, Exp, Mul, ReduceSum, two ReduceMax)."""
     from onnxscript import opset18 as op
 
     axes = op.Constant(value_ints=[-1])
-    m = op.ReduceMax(logits, axes, keepdims=1)
-    shifted = op.Sub(logits, m)
-    e = op.Exp(shifted)
-    s = op.ReduceSum(e, axes, keepdims=0)
-    zero = op.CastLike(op.Constant(value_float=0.0), logits)
-    t = op.ReduceSum(op.Where(op.Greater(e, zero), op.Mul(e, shifted), zero), axes, keepdims=0)
-    log_s = op.Log(s)
-    entropy = op.Sub(log_s, op.Div(t, s))
-    max_logprob = op.Neg(log_s)
-    lse = op.Add(op.Squeeze(m, axes), log_s)
+    logprobs = op.LogSoftmax(logits, axis=-1)
+    entropy = op.Neg(op.ReduceSum(op.Mul(op.Exp(logprobs), logprobs), axes, keepdims=0))
+    max_logprob = op.ReduceMax(logprobs, axes, keepdims=0)
+    lse = op.Sub(op.ReduceMax(logits, axes, keepdims=0), max_logprob)
     return entropy, max_logprob, lse
 
 
