@@ -114,7 +114,7 @@ def kernel_timings(vocab=49152, nodes=16, layers=30) -> dict:
     import numpy as np
     import torch
 
-    from tokopt.kernels import accept, kv_compact, recycling, tree_inputs
+    from tokopt.kernels import accept, kv_compact, logit_stats, recycling, tree_inputs
     from tokopt.kernels.cuda_check import planted_logits, random_draft_tree, random_template, random_tree_batch
 
     rng = np.random.default_rng(0)
@@ -151,6 +151,10 @@ def kernel_timings(vocab=49152, nodes=16, layers=30) -> dict:
     ivalid = torch.ones(1, 4, dtype=torch.bool)
     both("compact_tail", lambda: kv_compact.compact_tail_reference(kv, 580, index, ivalid),
          lambda: kv_compact.compact_tail_cuda(kv, 580, index, ivalid))
+    for n in (1, nodes, 4 * nodes):  # the taps' graph op: a decode row, a verify tree, a batch of trees
+        rows = torch.randn(1, n, vocab, device="cuda")
+        both(f"logit_stats[{n}]", lambda: logit_stats.logit_stats_reference(rows),
+             lambda: logit_stats.logit_stats_cuda(rows))
     return out
 
 
