@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array, lazy_njit
+from tokopt.kernels.dispatch import Kernel, as_cuda_array
 
 OP_NAME = "tokopt::logit_stats"
 OUTPUTS = ("entropy", "max_logprob", "lse")
