@@ -148,8 +148,10 @@ def _write_onnx(gm, spec, output_names, path: Path) -> None:
     from tokopt.capture import export_program
     from tokopt.kernels.graph_ops import onnx_translation_table
 
-    # The exporter warns about every torchvision op it cannot find; tokopt graphs use none.
+    # The exporter warns about every torchvision op it cannot find (tokopt graphs use none), and onnx_ir once per
+    # MoE layer about an empty attribute list it types as INTS (as it should); neither is for the user.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
 
     with progress_step("re-exporting the optimized graph (torch.export)"):
         program = export_program(gm, spec)
