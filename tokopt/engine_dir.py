@@ -149,7 +149,8 @@ def _write_onnx(gm, spec, output_names, path: Path) -> None:
     from tokopt.kernels.graph_ops import onnx_translation_table
 
     # The exporter warns about every torchvision op it cannot find (tokopt graphs use none), and onnx_ir once per
-    # MoE layer about an empty attribute list it types as INTS (as it should); neither is for the user.
+    # MoE layer about an empty attribute list it defaults to INTS (engines are tested equal to eager); neither is
+    # for the user.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
 
