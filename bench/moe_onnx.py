@@ -2,7 +2,7 @@
 
 Exports smollm2-moe (30 MoE layers x 8 experts, top-4) to two ONNX engines that differ only in the experts'
 lowering — "dense" (every expert for every row, the lowering before) and "switched" (gathered expert matrices for
-at most E rows, dense above; passes/lower_grouped_mm.py) — then greedy-decodes the same prompts on both,
+at most E/2 rows, dense above; passes/lower_grouped_mm.py) — then greedy-decodes the same prompts on both,
 interleaved, and reports median prefill and decode times and whether the tokens agree. A second part times one
 expert projection alone at given shapes.
 
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="batch size: the first N prompts (1-3)")
     ap.add_argument("--out", type=Path, default=Path("bench/moe_onnx.json"))
     args = ap.parse_args(argv)
     model, tokenizer = tokopt.load("smollm2-moe")
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     opt.tokenizer = tokenizer
     from tokopt.runtime.prompts import encode_prompts
 
-    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    ids, mask = encode_prompts(tokenizer, prompts)
     with tempfile.TemporaryDirectory() as tmp:
         engines = {v: export_variant(opt, Path(tmp) / v, v) for v in ("dense", "switched")}
         runs = {v: {"prefill_s": [], "decode_s": []} for v in engines}
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     shapes = {"gate_up (E=8, K=576, N=384)": projection_times(8, 576, 384, (1, 4, 8, 16, 64, 256)),
               "many experts (E=64, K=1024, N=1024)": projection_times(64, 1024, 1024, (2, 8, 32, 128))}
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "threads": os.environ.get("OMP_NUM_THREADS"), "prompts": PROMPTS, "batch": len(PROMPTS),
+              "threads": os.environ.get("OMP_NUM_THREADS"), "prompts": prompts, "batch": len(prompts),
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
               "tokens_identical": bool(torch.equal(tokens["dense"], tokens["switched"])),
               "engines": summary, "projection_ms": shapes,

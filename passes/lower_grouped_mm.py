@@ -7,14 +7,15 @@ on every MoE model. This pass rewrites each call as a choice on the row count, m
 an ONNX ``If``)::
 
     group = sum(arange(S)[:, None] >= offs[None, :], -1)          # the expert of every row
-    S <= E:  out = bmm(input[:, None], weight[group])[:, 0]         # gathered: each row's own expert matrix
-    S >  E:  out = sum_e (input @ weight[e]) * (group == e)         # dense: every expert, one kept per row
+    2S <= E:  out = bmm(input[:, None], weight[group])[:, 0]        # gathered: each row's own expert matrix
+    2S >  E:  out = sum_e (input @ weight[e]) * (group == e)        # dense: every expert, one kept per row
 
-Decode steps have few rows (batch x top-k), where gathering at most E expert matrices costs no more memory
-traffic than reading the weights once and S/E of the dense FLOPs; prefill has many rows, where copying a matrix
-per row would cost more than computing all E experts. Measured in ONNX Runtime (1 thread; bench/RESULTS.md):
-smollm2-moe's shapes (E=8) gathered/dense 0.10/0.37 ms at S=1, 0.91/1.19 ms at S=8, 4.1/2.0 ms at S=16; E=64
-1.6/55 ms at S=2. Both lower to standard ONNX ops (Gather, MatMul, ReduceSum, Equal) and native TensorRT
+Decode steps have few rows (batch x top-k), where gathering E/2 expert matrices at most moves no more memory
+than reading the weights once and does S/E of the dense FLOPs; prefill has many rows, where copying a matrix per
+row costs more than computing all E experts. Measured in ONNX Runtime (1 thread; bench/moe_onnx.py, figures in
+bench/RESULTS.md), gathered/dense: smollm2-moe's gate-up (E=8) 0.15/0.41 ms at S=1, 0.55/0.74 at S=4,
+1.33/0.97 at S=8; E=64 experts of 1024x1024 1.2/53 ms at S=2, 30/89 at S=32 (the crossover lies above E/2 there:
+the rule is conservative for large experts). Both lower to standard ONNX ops (Gather, MatMul, ReduceSum, Equal) and native TensorRT
 layers. Neither is a grouped GEMM, so ``tokopt export`` runs this pass on a copy of the graph for the onnx and
 tensorrt targets only and the eager graph keeps the fast op. Outputs equal the custom op's to float rounding.
 
@@ -61,8 +62,9 @@ def grouped_mm_gathered(input: torch.Tensor, weight: torch.Tensor, offs: torch.T
 
 
 def grouped_mm_lowered(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``grouped_mm_fallback`` in standard ops: gathered for at most E rows, dense above (module docstring)."""
-    return torch.cond(input.shape[0] <= weight.shape[0], grouped_mm_gathered, grouped_mm_dense, (input, weight, offs))
+    """``grouped_mm_fallback`` in standard ops: gathered for at most E/2 rows, dense above (module docstring)."""
+    return torch.cond(2 * input.shape[0] <= weight.shape[0], grouped_mm_gathered, grouped_mm_dense,
+                      (input, weight, offs))
 
 
 @register_pass(NAME, "MoE experts' transformers::grouped_mm_fallback -> standard ops (export to ONNX/TensorRT)")
@@ -80,4 +82,4 @@ def lower_grouped_mm(gm: torch.fx.GraphModule):
     gm.recompile()
     return gm, PassReport(NAME, matched=len(nodes), changed=True,
                           detail=f"lowered {len(nodes)} grouped_mm_fallback call(s) to standard ops (gathered expert "
-                                 "matrices for at most E rows, all experts above)")
+                                 "matrices for at most E/2 rows, all experts above)")
