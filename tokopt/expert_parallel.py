@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from tokopt.errors import TokoptError
 
@@ -26,7 +27,7 @@ def generate_text_ep(model_name, prompts, *, ranks: int | None = None, strategy:
     from tokopt.runtime.distributed.run import ep_generate
     from tokopt.runtime.prompts import encode_prompts
 
-    if is_ep_engine(model_name):
+    if is_ep_engine(model_name) or (Path(model_name) / "manifest.json").is_file():  # single-process: refused
         from transformers import AutoTokenizer
 
         model = load_ep_engine(model_name)

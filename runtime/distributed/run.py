@@ -60,6 +60,14 @@ def drop_full_experts(model) -> None:
                 getattr(layer.mlp.experts, name).data = torch.empty(0)
 
 
+def _rank_device(rank: int) -> torch.device:
+    """This rank's GPU (``cuda:rank % devices``), made the default so every buffer the runtime makes lives there."""
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    torch.set_default_device(device)
+    return device
+
+
 def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, eos_token_id, keep_logits,
               backend="gloo"):
     """One rank's whole run (the process group is already initialised); returns its results and counters.
@@ -72,19 +80,13 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
     if isinstance(model, EPEngine):  # an exported engine: this rank's program from its own file
         gm, reports = model.rank_program(rank)
         if backend == "nccl":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-            torch.set_default_device(device)
-            gm = gm.to(device)
+            gm = gm.to(_rank_device(rank))
     else:
         own_copy = isinstance(model, str) or not in_torchrun()  # loaded here, or a forked/spawned rank's copy
         if isinstance(model, str):
             model = load(model, progress=rank == 0)[0]
         if backend == "nccl":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-            torch.set_default_device(device)  # every buffer the runtime makes lives on this rank's GPU
-            model = model.to(device)
+            model = model.to(_rank_device(rank))
         gm, reports = build_rank_program(model, rank, world, strategy, placement)
         if own_copy:
             drop_full_experts(model)

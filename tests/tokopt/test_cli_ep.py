@@ -60,3 +60,9 @@ def test_export_ep_then_generate_from_the_engine(tiny_moe_dir, tmp_path, capsys)
 def test_export_ep_refusals(tiny_moe_dir, tmp_path, capsys, argv, message):
     assert main(["export", str(tiny_moe_dir), *argv, "-o", str(tmp_path / "eng")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_ep_refuses_a_single_process_engine(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"format": "tokopt-engine", "format_version": 1, "target": "onnx"}')
+    assert main(["generate", "--engine", str(tmp_path), "--ep", "2", "Hi"]) == 2
+    assert "single-process 'onnx' engine" in capsys.readouterr().err
