@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array, lazy_njit
+from tokopt.kernels.dispatch import Kernel, as_cuda_array, lazy_cuda, lazy_njit
 
 NUMBA_DTYPES = (torch.float32, torch.float64)
 
@@ -79,47 +79,44 @@ def greedy_accept_cpu(tree, logits: torch.Tensor):
 
 # ----------------------------------------------------------------------------------------------- Numba CUDA
 
-_CUDA = {}
+cuda = None  # bound to numba's by lazy_cuda when the kernels are first built
 
 
+@lazy_cuda()
 def cuda_kernels():
     """``greedy_accept``: one thread per tree row of a batch (compiled on first use; also under the simulator)."""
-    if not _CUDA:
-        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
-        from numba import cuda
 
-        @cuda.jit
-        def greedy_accept_kernel(logits, tokens, parents, sizes, path, lengths, next_tokens):
-            b = cuda.grid(1)
-            if b >= logits.shape[0]:
-                return
-            node, length = 0, 1
-            path[b, 0] = 0
-            while True:
-                want, best = 0, logits[b, node, 0]
-                if best == best:
-                    for v in range(1, logits.shape[2]):
-                        x = logits[b, node, v]
-                        if x != x:
-                            want = v
-                            break
-                        if x > best:
-                            best, want = x, v
-                child = -1
-                for c in range(node + 1, sizes[b]):
-                    if parents[b, c] == node and tokens[b, c] == want:
-                        child = c
+    @cuda.jit
+    def greedy_accept_kernel(logits, tokens, parents, sizes, path, lengths, next_tokens):
+        b = cuda.grid(1)
+        if b >= logits.shape[0]:
+            return
+        node, length = 0, 1
+        path[b, 0] = 0
+        while True:
+            want, best = 0, logits[b, node, 0]
+            if best == best:
+                for v in range(1, logits.shape[2]):
+                    x = logits[b, node, v]
+                    if x != x:
+                        want = v
                         break
-                if child < 0:
-                    lengths[b] = length
-                    next_tokens[b] = want
-                    return
-                path[b, length] = child
-                length += 1
-                node = child
+                    if x > best:
+                        best, want = x, v
+            child = -1
+            for c in range(node + 1, sizes[b]):
+                if parents[b, c] == node and tokens[b, c] == want:
+                    child = c
+                    break
+            if child < 0:
+                lengths[b] = length
+                next_tokens[b] = want
+                return
+            path[b, length] = child
+            length += 1
+            node = child
 
-        _CUDA["greedy_accept"] = greedy_accept_kernel
-    return _CUDA
+    return {"greedy_accept": greedy_accept_kernel}
 
 
 def greedy_accept_launch(logits, tokens, parents, sizes, path, lengths, next_tokens):

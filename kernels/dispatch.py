@@ -125,3 +125,43 @@ def lazy_njit(fn):
     call.py_func = fn
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
     return call
+
+
+def lazy_cuda(*numba_names):
+    """Decorator for a kernel module's ``cuda_kernels()``: its body defines the ``@cuda.jit`` kernels and returns
+    them by name; they are built on the first call and the same dict is returned after. Numba is imported then:
+    ``numba.cuda`` (and ``numba_names`` such as ``"float32"``, for shared/local array types) are bound as globals
+    of the kernel's module, which is what the kernel bodies name (a global, not a closure variable: Numba's CUDA
+    simulator swaps the kernels' global ``cuda``).
+
+    Example::
+
+        @lazy_cuda("float32")
+        def cuda_kernels():
+            @cuda.jit
+            def double(x):
+                i = cuda.grid(1)
+                if i < x.shape[0]:
+                    x[i] *= float32(2.0)
+            return {"double": double}
+    """
+
+    def decorate(build):
+        kernels = {}
+
+        def get():
+            if not kernels:
+                import numba
+                from numba import cuda
+
+                build.__globals__["cuda"] = cuda
+                for name in numba_names:
+                    build.__globals__[name] = getattr(numba, name)
+                kernels.update(build())
+            return kernels
+
+        get.__name__, get.__doc__ = build.__name__, build.__doc__
+        return get
+
+    return decorate
+

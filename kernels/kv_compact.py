@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_njit
+from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_cuda, lazy_njit
 
 IN_PLACE, MOVE, GATHER, OUT_OF_RANGE = 0, 1, 2, 3
 NUMBA_DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 caches: the reference
@@ -89,30 +89,27 @@ def _plan_checked(tensors, start, idx, ok):
 
 # ----------------------------------------------------------------------------------------------- Numba CUDA
 
-_CUDA = {}
+cuda = None  # bound to numba's by lazy_cuda when the kernels are first built
 
 
+@lazy_cuda()
 def cuda_kernels():
     """``move``: one thread per (row, head, channel), slots moved in increasing j (safe in place)."""
-    if not _CUDA:
-        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
-        from numba import cuda
 
-        @cuda.jit
-        def move_kernel(t, start, index, index_valid):
-            x = cuda.grid(1)
-            batch, heads, _, dim = t.shape
-            if x >= batch * heads * dim:
-                return
-            b, rest = x // (heads * dim), x % (heads * dim)
-            h, d = rest // dim, rest % dim
-            for j in range(index.shape[1]):
-                src = index[b, j]
-                if index_valid[b, j] and src != j:
-                    t[b, h, start + j, d] = t[b, h, start + src, d]
+    @cuda.jit
+    def move_kernel(t, start, index, index_valid):
+        x = cuda.grid(1)
+        batch, heads, _, dim = t.shape
+        if x >= batch * heads * dim:
+            return
+        b, rest = x // (heads * dim), x % (heads * dim)
+        h, d = rest // dim, rest % dim
+        for j in range(index.shape[1]):
+            src = index[b, j]
+            if index_valid[b, j] and src != j:
+                t[b, h, start + j, d] = t[b, h, start + src, d]
 
-        _CUDA["move"] = move_kernel
-    return _CUDA
+    return {"move": move_kernel}
 
 
 def move_launch(t, start, index, index_valid):

@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array
+from tokopt.kernels.dispatch import Kernel, as_cuda_array, lazy_cuda
 
 OP_NAME = "tokopt::logit_stats"
 OUTPUTS = ("entropy", "max_logprob", "lse")
@@ -114,60 +114,57 @@ def logit_stats_cpu(logits: torch.Tensor):
 
 # ----------------------------------------------------------------------------------------------- Numba CUDA
 
-_CUDA = {}
+cuda = float32 = None  # bound to numba's by lazy_cuda when the kernels are first built
 
 
+@lazy_cuda("float32")
 def cuda_kernels():
     """``rows``: one block of ``CUDA_THREADS`` threads per row; max, then the two sums, by tree reduction."""
-    if not _CUDA:
-        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
-        from numba import cuda, float32
 
-        @cuda.jit
-        def rows_kernel(z, entropy, max_logprob, lse):
-            r = cuda.blockIdx.x
-            tid = cuda.threadIdx.x
-            vocab = z.shape[1]
-            red_a = cuda.shared.array(CUDA_THREADS, float32)
-            red_b = cuda.shared.array(CUDA_THREADS, float32)
-            m = z[r, 0]
-            for j in range(tid, vocab, CUDA_THREADS):
-                m = max(m, z[r, j])
-            red_a[tid] = m
+    @cuda.jit
+    def rows_kernel(z, entropy, max_logprob, lse):
+        r = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        vocab = z.shape[1]
+        red_a = cuda.shared.array(CUDA_THREADS, float32)
+        red_b = cuda.shared.array(CUDA_THREADS, float32)
+        m = z[r, 0]
+        for j in range(tid, vocab, CUDA_THREADS):
+            m = max(m, z[r, j])
+        red_a[tid] = m
+        cuda.syncthreads()
+        step = CUDA_THREADS // 2
+        while step > 0:
+            if tid < step:
+                red_a[tid] = max(red_a[tid], red_a[tid + step])
             cuda.syncthreads()
-            step = CUDA_THREADS // 2
-            while step > 0:
-                if tid < step:
-                    red_a[tid] = max(red_a[tid], red_a[tid + step])
-                cuda.syncthreads()
-                step //= 2
-            m = red_a[0]
+            step //= 2
+        m = red_a[0]
+        cuda.syncthreads()
+        s = float32(0.0)
+        t = float32(0.0)
+        for j in range(tid, vocab, CUDA_THREADS):
+            d = z[r, j] - m
+            e = math.exp(d)
+            s += e
+            t += e * d
+        red_a[tid] = s
+        red_b[tid] = t
+        cuda.syncthreads()
+        step = CUDA_THREADS // 2
+        while step > 0:
+            if tid < step:
+                red_a[tid] += red_a[tid + step]
+                red_b[tid] += red_b[tid + step]
             cuda.syncthreads()
-            s = float32(0.0)
-            t = float32(0.0)
-            for j in range(tid, vocab, CUDA_THREADS):
-                d = z[r, j] - m
-                e = math.exp(d)
-                s += e
-                t += e * d
-            red_a[tid] = s
-            red_b[tid] = t
-            cuda.syncthreads()
-            step = CUDA_THREADS // 2
-            while step > 0:
-                if tid < step:
-                    red_a[tid] += red_a[tid + step]
-                    red_b[tid] += red_b[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            if tid == 0:
-                log_s = math.log(red_a[0])
-                entropy[r] = log_s - red_b[0] / red_a[0]
-                max_logprob[r] = -log_s
-                lse[r] = m + log_s
+            step //= 2
+        if tid == 0:
+            log_s = math.log(red_a[0])
+            entropy[r] = log_s - red_b[0] / red_a[0]
+            max_logprob[r] = -log_s
+            lse[r] = m + log_s
 
-        _CUDA["rows"] = rows_kernel
-    return _CUDA
+    return {"rows": rows_kernel}
 
 
 def rows_launch(z, entropy, max_logprob, lse, stream=0):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_njit
+from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_cuda, lazy_njit
 
 NUMBA_DTYPES = (torch.float32, torch.float64)
 CUDA_MAX_K = 64  # local buffers of the CUDA update
@@ -189,73 +189,70 @@ def recycling_fill_cpu(adj, roots, template):
 
 # ----------------------------------------------------------------------------------------------- Numba CUDA
 
-_CUDA = {}
+cuda = float64 = int64 = None  # bound to numba's by lazy_cuda when the kernels are first built
 
 
+@lazy_cuda("float64", "int64")
 def cuda_kernels():
     """The ``@cuda.jit`` kernels: update one thread per logits row, fill one thread per root."""
-    if not _CUDA:
-        global cuda, float64, int64  # module globals: the simulator swaps the kernels' global `cuda`
-        from numba import cuda, float64, int64
 
-        @cuda.jit
-        def update_kernel(adj, tokens, valid, logits):
-            t = cuda.grid(1)
-            batch, n, vocab = logits.shape
-            if t >= batch * n:
-                return
-            b, i = t // n, t % n
-            if not valid[b, i]:
-                return
-            k = adj.shape[1]
-            vals = cuda.local.array(CUDA_MAX_K, float64)
-            idx = cuda.local.array(CUDA_MAX_K, int64)
-            count = 0
-            for v in range(vocab):
-                x = logits[b, i, v] * 1.0
-                # sort key: NaN above +inf above every finite value (as on the CPU and in torch.topk)
-                x = np.inf if x != x else (F64_MAX if x == np.inf else x)
-                if count == k and not x > vals[k - 1]:
-                    continue
-                j = count if count < k else k - 1
-                while j > 0 and x > vals[j - 1]:
-                    vals[j] = vals[j - 1]
-                    idx[j] = idx[j - 1]
-                    j -= 1
-                vals[j] = x
-                idx[j] = v
-                if count < k:
-                    count += 1
-            tok = tokens[b, i]
-            for j in range(k):
-                adj[tok, j] = idx[j]
+    @cuda.jit
+    def update_kernel(adj, tokens, valid, logits):
+        t = cuda.grid(1)
+        batch, n, vocab = logits.shape
+        if t >= batch * n:
+            return
+        b, i = t // n, t % n
+        if not valid[b, i]:
+            return
+        k = adj.shape[1]
+        vals = cuda.local.array(CUDA_MAX_K, float64)
+        idx = cuda.local.array(CUDA_MAX_K, int64)
+        count = 0
+        for v in range(vocab):
+            x = logits[b, i, v] * 1.0
+            # sort key: NaN above +inf above every finite value (as on the CPU and in torch.topk)
+            x = np.inf if x != x else (F64_MAX if x == np.inf else x)
+            if count == k and not x > vals[k - 1]:
+                continue
+            j = count if count < k else k - 1
+            while j > 0 and x > vals[j - 1]:
+                vals[j] = vals[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            vals[j] = x
+            idx[j] = v
+            if count < k:
+                count += 1
+        tok = tokens[b, i]
+        for j in range(k):
+            adj[tok, j] = idx[j]
 
-        @cuda.jit
-        def fill_kernel(adj, roots, tparent, trank, tokens, parents, sizes):
-            b = cuda.grid(1)
-            if b >= roots.shape[0]:
-                return
-            where = cuda.local.array(CUDA_MAX_TEMPLATE + 1, int64)
-            tokens[b, 0] = roots[b]
-            parents[b, 0] = -1
-            size = 1
-            where[0] = 0
-            for i in range(tparent.shape[0]):
-                where[i + 1] = -1
-                at = where[tparent[i]]
-                if at < 0:
-                    continue
-                tok = adj[tokens[b, at], trank[i]]
-                if tok < 0:
-                    continue
-                where[i + 1] = size
-                tokens[b, size] = tok
-                parents[b, size] = at
-                size += 1
-            sizes[b] = size
+    @cuda.jit
+    def fill_kernel(adj, roots, tparent, trank, tokens, parents, sizes):
+        b = cuda.grid(1)
+        if b >= roots.shape[0]:
+            return
+        where = cuda.local.array(CUDA_MAX_TEMPLATE + 1, int64)
+        tokens[b, 0] = roots[b]
+        parents[b, 0] = -1
+        size = 1
+        where[0] = 0
+        for i in range(tparent.shape[0]):
+            where[i + 1] = -1
+            at = where[tparent[i]]
+            if at < 0:
+                continue
+            tok = adj[tokens[b, at], trank[i]]
+            if tok < 0:
+                continue
+            where[i + 1] = size
+            tokens[b, size] = tok
+            parents[b, size] = at
+            size += 1
+        sizes[b] = size
 
-        _CUDA.update(update=update_kernel, fill=fill_kernel)
-    return _CUDA
+    return dict(update=update_kernel, fill=fill_kernel)
 
 
 def recycling_update_launch(adj, tokens, valid, logits):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_njit
+from tokopt.kernels.dispatch import Kernel, as_cuda_array, grid, lazy_cuda, lazy_njit
 
 NUMBA_MASK_DTYPES = (torch.float32, torch.float64)
 
@@ -136,56 +136,53 @@ def step_mask_cpu(past_valid, new_structure, new_valid=None, dtype=torch.float32
 
 # ----------------------------------------------------------------------------------------------- Numba CUDA
 
-_CUDA = {}
+cuda = None  # bound to numba's by lazy_cuda when the kernels are first built
 
 
+@lazy_cuda()
 def cuda_kernels():
     """The ``@cuda.jit`` kernels (compiled on first use; also under ``NUMBA_ENABLE_CUDASIM=1``)."""
-    if not _CUDA:
-        global cuda  # a module global: the simulator swaps the kernels' global `cuda`
-        from numba import cuda
 
-        @cuda.jit
-        def tree_inputs_kernel(parents, sizes, roots, positions, structure, valid):
-            t = cuda.grid(1)
-            batch, width = parents.shape
-            if t >= batch * width:
-                return
-            b, i = t // width, t % width
-            if i >= sizes[b]:
-                positions[b, i] = roots[b]
-                return
-            valid[b, i] = True
-            structure[b, i, i] = True
-            node, depth = i, 0
-            while node > 0:
-                p = parents[b, node]
-                if p < 0 or p >= node:  # not parents-first: stop (inputs are validated on the host)
-                    break
-                node = p
-                structure[b, i, node] = True
-                depth += 1
-            positions[b, i] = roots[b] + depth
+    @cuda.jit
+    def tree_inputs_kernel(parents, sizes, roots, positions, structure, valid):
+        t = cuda.grid(1)
+        batch, width = parents.shape
+        if t >= batch * width:
+            return
+        b, i = t // width, t % width
+        if i >= sizes[b]:
+            positions[b, i] = roots[b]
+            return
+        valid[b, i] = True
+        structure[b, i, i] = True
+        node, depth = i, 0
+        while node > 0:
+            p = parents[b, node]
+            if p < 0 or p >= node:  # not parents-first: stop (inputs are validated on the host)
+                break
+            node = p
+            structure[b, i, node] = True
+            depth += 1
+        positions[b, i] = roots[b] + depth
 
-        @cuda.jit
-        def step_mask_kernel(past_valid, structure, new_valid, use_new_valid, minval, out):
-            t = cuda.grid(1)
-            batch, past = past_valid.shape
-            n = structure.shape[1]
-            cols = past + n
-            if t >= batch * n * cols:
-                return
-            b, rest = t // (n * cols), t % (n * cols)
-            i, c = rest // cols, rest % cols
-            if c < past:
-                ok = past_valid[b, c]
-            else:
-                j = c - past
-                ok = structure[b, i, j] and (new_valid[b, j] or not use_new_valid)
-            out[b, 0, i, c] = 0.0 if ok else minval
+    @cuda.jit
+    def step_mask_kernel(past_valid, structure, new_valid, use_new_valid, minval, out):
+        t = cuda.grid(1)
+        batch, past = past_valid.shape
+        n = structure.shape[1]
+        cols = past + n
+        if t >= batch * n * cols:
+            return
+        b, rest = t // (n * cols), t % (n * cols)
+        i, c = rest // cols, rest % cols
+        if c < past:
+            ok = past_valid[b, c]
+        else:
+            j = c - past
+            ok = structure[b, i, j] and (new_valid[b, j] or not use_new_valid)
+        out[b, 0, i, c] = 0.0 if ok else minval
 
-        _CUDA.update(tree_inputs=tree_inputs_kernel, step_mask=step_mask_kernel)
-    return _CUDA
+    return dict(tree_inputs=tree_inputs_kernel, step_mask=step_mask_kernel)
 
 
 def tree_inputs_launch(parents, sizes, roots, positions, structure, valid):
