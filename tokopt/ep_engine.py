@@ -50,10 +50,9 @@ def _tensor_groups(gm) -> list[tuple[list[str], torch.Tensor]]:
 
 def _full_experts(model) -> set[int]:
     """ids of the unsharded expert weights of ``model`` (every rank drops them; it keeps its shard)."""
-    from tokopt.runtime.distributed.program import is_moe_block
+    from tokopt.runtime.distributed.run import full_expert_weights
 
-    return {id(getattr(layer.mlp.experts, name)) for layer in model.model.layers if is_moe_block(layer.mlp)
-            for name in ("gate_up_proj", "down_proj")}
+    return {id(w) for w in full_expert_weights(model)}
 
 
 def rank_tensors(gm, model) -> dict[str, torch.Tensor]:

@@ -49,15 +49,19 @@ def build_rank_program(model, rank: int, world: int, strategy: str, placement=No
     return run_passes(gm, strategy_passes(strategy, placement))
 
 
+def full_expert_weights(model) -> list:
+    """The unsharded expert weight parameters of every MoE layer of ``model`` (gate-up and down)."""
+    from tokopt.runtime.distributed.program import is_moe_block
+
+    return [getattr(layer.mlp.experts, name) for layer in model.model.layers if is_moe_block(layer.mlp)
+            for name in ("gate_up_proj", "down_proj")]
+
+
 def drop_full_experts(model) -> None:
     """Free the unsharded expert weights of this rank's model copy: after the passes, each rank computes with
     its own shard (copied out), so keeping all experts would forfeit expert parallelism's memory saving."""
-    from tokopt.runtime.distributed.program import is_moe_block
-
-    for layer in model.model.layers:
-        if is_moe_block(layer.mlp):
-            for name in ("gate_up_proj", "down_proj"):
-                getattr(layer.mlp.experts, name).data = torch.empty(0)
+    for weight in full_expert_weights(model):
+        weight.data = torch.empty(0)
 
 
 def _rank_device(rank: int) -> torch.device:
