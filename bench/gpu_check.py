@@ -7,7 +7,7 @@ One command on a CUDA machine (expected a few minutes on an H200, not yet run on
 
 1. Environment: torch, CUDA device, numba, whether ``numba.cuda`` sees the device.
 2. Kernels: every Numba CUDA kernel on CUDA tensors against the reference on random inputs including edge sizes
-   (``tokopt.kernels.cuda_check``), and the median time of each CUDA kernel vs the reference (torch on the same
+   (``tokopt.bench.cuda_check``), and the median time of each CUDA kernel vs the reference (torch on the same
    CUDA tensors) at the runtime's sizes (SmolLM2: 49152-token vocabulary, 16-node trees, 30 layers of K/V).
 3. Engine: the eager engine moved to CUDA (``EagerEngine.to("cuda")``: weights, step inputs and the K/V cache on
    the GPU, logits back to the host loop), greedy tokens compared with the CPU engine's (plain and Token
@@ -103,7 +103,7 @@ def median_s(fn, repeats=20, warmup=3, sync=None) -> float:
 # ----------------------------------------------------------------------------------------------- kernels
 
 def kernel_checks() -> dict:
-    from tokopt.kernels.cuda_check import run_checks
+    from tokopt.bench.cuda_check import run_checks
 
     results = run_checks("device")
     return {"ok": all(r["ok"] for r in results), "results": results}
@@ -115,7 +115,7 @@ def kernel_timings(vocab=49152, nodes=16, layers=30) -> dict:
     import torch
 
     from tokopt.kernels import accept, kv_compact, logit_stats, recycling, tree_inputs
-    from tokopt.kernels.cuda_check import planted_logits, random_draft_tree, random_template, random_tree_batch
+    from tokopt.bench.cuda_check import planted_logits, random_draft_tree, random_template, random_tree_batch
 
     rng = np.random.default_rng(0)
     sync = torch.cuda.synchronize
@@ -163,7 +163,8 @@ def kernel_timings(vocab=49152, nodes=16, layers=30) -> dict:
 def load_model(cache: str | None):
     import torch
 
-    from tokopt.models import DEFAULT_MODEL, cache_dir
+    from tokopt.models.loading import DEFAULT_MODEL
+    from tokopt.paths import cache_dir
 
     name = Path(str(DEFAULT_MODEL)).name
     if (cache_dir() / "models" / name / "model.safetensors").is_file():
@@ -242,7 +243,7 @@ def verify_latency(engine, sizes=(1, 2, 4, 8, 16, 32, 64, 128), past=512) -> dic
     """Median ms of one engine call with n tree nodes after ``past`` cached slots (K/V on the device)."""
     import torch
 
-    from tokopt.runtime.masks import causal_structure, step_mask
+    from tokopt.models.masks import causal_structure, step_mask
 
     spec = engine.spec
     gen = torch.Generator().manual_seed(0)
@@ -279,7 +280,7 @@ def engine_checks(args, deadline) -> dict:
         gpu(*_probe_inputs(gpu.spec))
         report["cuda_engine"] = f"captured graph (EagerEngine.to({args.engine_device!r}))"
     except Exception as e:  # a constant baked on the CPU by torch.export: run the uncaptured decoder graph
-        from tokopt.runtime.decoder_graph import DecoderGraph
+        from tokopt.models.decoder_graph import DecoderGraph
 
         report["captured_graph_on_cuda_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         graph = DecoderGraph(model)
@@ -306,8 +307,8 @@ def engine_checks(args, deadline) -> dict:
 def _probe_inputs(spec):
     import torch
 
-    from tokopt.runtime.kv_cache import KVCache
-    from tokopt.runtime.masks import causal_structure, step_mask
+    from tokopt.models.kv_cache import KVCache
+    from tokopt.models.masks import causal_structure, step_mask
 
     cache = KVCache.empty(spec, 1)
     mask = step_mask(cache.valid, causal_structure(2, 1), dtype=spec.torch_dtype)
@@ -331,7 +332,7 @@ def sim_checks() -> dict:
         "PYTHONPATH", "")])}
     code = ("import sys; sys.argv = ['cuda_check', '--sim', '--json']; sys.path.insert(0, %r); import tokopt\n"
             "try:\n    import tokopt.kernels.dispatch\nexcept ImportError:\n    tokopt.__path__.append(%r)\n"
-            "from tokopt.kernels.cuda_check import main; sys.exit(main())" % (str(REPO), str(REPO)))
+            "from tokopt.bench.cuda_check import main; sys.exit(main())" % (str(REPO), str(REPO)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     try:
         results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -21,7 +21,7 @@ import torch
 
 import tokopt
 from tokopt.moe.affinity import mi_bits
-from tokopt.moe.moefy import default_texts, moefy
+from tokopt.models.moefy import default_texts, moefy
 from tokopt.moe.traces import record_trace
 
 CORPUS = Path("/work/shared/data/corpus")

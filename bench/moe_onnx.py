@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import tokopt
-from tokopt.engine_dir import export_engine, load_engine
+from tokopt.export.engine_dir import export_engine
+from tokopt.api.engines import load_engine
 from tokopt.passes import lower_grouped_mm as lowering
 from tokopt.progress import progress_bar
 
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/moe_onnx.json"))
     args = ap.parse_args(argv)
     model, tokenizer = tokopt.load("smollm2-moe")
-    opt = tokopt.optimize(model)
-    opt.tokenizer = tokenizer
+    opt = tokopt.optimize(model, tokenizer=tokenizer)
     from tokopt.runtime.prompts import encode_prompts
 
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]

@@ -38,9 +38,9 @@ PIECES = [
     ("tokopt.runtime.speculative.decode", "pack_trees", "pack_trees"),
     ("tokopt.runtime.speculative.decode", "step_mask", "step_mask"),
     ("tokopt.runtime.speculative.decode", "verify_greedy", "verify"),
-    ("tokopt.runtime.kv_cache", "KVCache.extend", "kv_extend"),
-    ("tokopt.runtime.kv_cache", "KVCache.compact_tail", "kv_compact_tail"),
-    ("tokopt.runtime.kv_cache", "KVCache.drop_dead", "kv_drop_dead"),
+    ("tokopt.models.kv_cache", "KVCache.extend", "kv_extend"),
+    ("tokopt.models.kv_cache", "KVCache.compact_tail", "kv_compact_tail"),
+    ("tokopt.models.kv_cache", "KVCache.drop_dead", "kv_drop_dead"),
 ]
 DRAFTER_PIECES = [("draft", "draft"), ("observe", "observe"), ("feedback", "feedback")]
 NON_MODEL = ["draft", "pack_trees", "step_mask", "verify", "kv_extend", "kv_compact_tail", "kv_drop_dead",
@@ -116,13 +116,13 @@ class _WrappedEngine:
 
 def load(engine_kind: str, budget):
     import tokopt
-    from tokopt.models import cache_dir
+    from tokopt.paths import cache_dir
 
     speculative = tokopt.SpeculativeConfig("recycling", budget=budget)
     if engine_kind in ("auto", "onnx"):
         dirs = sorted(p.parent for p in (cache_dir() / "engines").glob("smollm2*/manifest.json"))
         if dirs:
-            from tokopt.engine_dir import load_engine
+            from tokopt.api.engines import load_engine
 
             return load_engine(dirs[0], threads=torch.get_num_threads(), speculative=speculative), f"onnx:{dirs[0].name}"
         if engine_kind == "onnx":
@@ -255,13 +255,13 @@ def main():
         print(f"plot: {out / ('overhead_' + '_vs_'.join(args.compare) + '.png')}")
         return
 
-    from tokopt.bench import machine
-    from tokopt.bench_speculative import load_spec_bench
+    from tokopt.machine import describe
+    from tokopt.data import spec_bench
     from tokopt.runtime.prompts import encode_prompts
 
     budget = args.budget if args.budget == "auto" else int(args.budget)
     opt, engine_name = load(args.engine, budget)
-    questions = load_spec_bench(args.questions, per_category=args.per_category)
+    questions = spec_bench(args.questions, per_category=args.per_category)
     prompts = [encode_prompts(opt.tokenizer, [q["question"]]) for q in questions]
     run(opt, prompts[:1], 16)  # warm-up: numba compilation / cache load, ORT first-run allocations
 
@@ -274,7 +274,7 @@ def main():
     sizes = opt.last_stats.tree_sizes
     timer.steps = []
     top = profile_top(opt, prompts, args.max_new_tokens, timer, args.top)
-    result = {"label": args.label, "kernels": kernels_backend(), "engine": engine_name, "machine": machine(),
+    result = {"label": args.label, "kernels": kernels_backend(), "engine": engine_name, "machine": describe(),
               "questions": len(prompts), "max_new_tokens": args.max_new_tokens, "budget": args.budget,
               "tokens": sum(len(t) for t in tokens), "wall_s": wall, "summary": summary,
               "last_tree_sizes": sizes, "profile_top_non_model": top,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokopt.moe.affinity import mutual_information, stability
+from tokopt.moe.affinity import mutual_information
+from tokopt.moe.placement import stability
 from tokopt.moe.place_heuristic import solve_heuristic
 from tokopt.moe.placement import contiguous_placement, cross_fraction, place, random_cross_fraction, random_placement
 from tokopt.moe.traces import load_trace

@@ -1,6 +1,6 @@
 """PPD's long-range guesses with the trained prompt tokens against the untrained ones (the control), online.
 
-Both variants decode the same Spec-Bench questions greedily with ``speculative="ppd"`` in the eager engine (``tokopt.optimize``), in one
+Both variants decode the same Spec-Bench questions greedily with ``speculative="ppd"`` in the eager engine (``tokopt.api.optimize``), in one
 fixed shape that drafts every position (6 guess nodes, 2 chains of all 3 prompt tokens; one capture each; the control's prompt embeddings are the mean token embedding, which is where training starts) and
 report, per position after the last accepted token (t+2, t+3, t+4), how often the prompt token's top-1 and top-10
 guesses were the emitted token (given the previous position was accepted), MAT, tokens/s, and the extra memory
@@ -19,15 +19,16 @@ from pathlib import Path
 
 
 import tokopt
-from tokopt.bench import machine
-from tokopt.bench_speculative import guess_counts, load_spec_bench
+from tokopt.machine import describe
+from tokopt.bench.speculative import guess_counts
+from tokopt.data import spec_bench
 from tokopt.passes.ppd_slots import TABLE
 from tokopt.progress import progress_bar
-from tokopt.runtime import kv_cache
+from tokopt.models import kv_cache
 from tokopt.runtime.prompts import encode_prompts
 from tokopt.runtime.speculative.drafters.ppd import PPDConfig
-from tokopt.speculative import SpeculativeConfig, add_ppd_slots
-from tokopt.train_ppd import load_ppd_artifact
+from tokopt.runtime.speculative.methods import SpeculativeConfig, add_ppd_slots
+from tokopt.runtime.artifacts import load_ppd_artifact
 
 
 class PeakCache:
@@ -53,8 +54,7 @@ class PeakCache:
 
 def variant(model, tokenizer, artifact):
     """``tokopt.optimize(model)`` (its own capture) with ``artifact``'s prompt embeddings in the slots."""
-    opt = tokopt.optimize(model)
-    opt.tokenizer = tokenizer
+    opt = tokopt.optimize(model, tokenizer=tokenizer)
     add_ppd_slots(opt.graph_module, model, artifact)
     return opt
 
@@ -99,8 +99,8 @@ def main():
     embed = model.model.embed_tokens.weight
     control = {**trained, "embeddings": embed.detach().mean(0, keepdim=True).repeat(trained["k"], 1)}
     prompts = [encode_prompts(tokenizer, [q["question"]])
-               for q in load_spec_bench(args.questions, args.per_category)]
-    results = {"machine": machine(), "questions": len(prompts), "max_new_tokens": args.max_new_tokens}
+               for q in spec_bench(args.questions, args.per_category)]
+    results = {"machine": describe(), "questions": len(prompts), "max_new_tokens": args.max_new_tokens}
     for name, artifact in (("trained", trained), ("untrained control", control)):
         opt = variant(model, tokenizer, artifact)
         results[name] = decode(opt, prompts, "ppd", args.max_new_tokens)

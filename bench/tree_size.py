@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 import tokopt
-from tokopt.bench import _engine_dir, machine
-from tokopt.bench_speculative import load_spec_bench
-from tokopt.optimize import DEFAULT_PASSES, OptimizeConfig
+from tokopt.bench.harness import cached_engine_dir
+from tokopt.machine import describe
+from tokopt.data import spec_bench
+from tokopt.api.optimize import DEFAULT_PASSES, OptimizeConfig
 from tokopt.runtime.prompts import encode_prompts
 from tokopt.runtime.speculative.acceptance import expected_tokens
 from tokopt.runtime.speculative.drafters.recycling import RecyclingConfig
 from tokopt.runtime.speculative.tree_size import best_size, LatencyProfile, measure_latency
-from tokopt.speculative import SpeculativeConfig
+from tokopt.runtime.speculative.methods import SpeculativeConfig
 
 SIZES = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 81]
 
@@ -56,15 +57,14 @@ def main():
         return plot(json.loads((out / "tree_size.json").read_text()), out / "tree_size.png")
 
     model, tokenizer = tokopt.load()
-    eager = tokopt.optimize(model, OptimizeConfig(passes=(*DEFAULT_PASSES, "small_batch_linear")))
-    eager.tokenizer = tokenizer
-    ort = tokopt.load_engine(_engine_dir(argparse.Namespace(engine_dir=None, model=None, passes=DEFAULT_PASSES),
+    eager = tokopt.optimize(model, OptimizeConfig(passes=(*DEFAULT_PASSES, "small_batch_linear")), tokenizer=tokenizer)
+    ort = tokopt.load_engine(cached_engine_dir(argparse.Namespace(engine_dir=None, model=None, passes=DEFAULT_PASSES),
                                          None, model))
     latency = {}
     for name, opt in (("eager", eager), ("onnx", ort)):
         print(f"measuring {name} verify latency for {len(SIZES)} sizes ...", flush=True)
         latency[name] = measure_latency(opt.engine, SIZES, past=256, repeats=3)
-    questions = load_spec_bench(args.questions, args.per_category)
+    questions = spec_bench(args.questions, args.per_category)
     prompts = [encode_prompts(tokenizer, [q["question"]]) for q in questions]
     pure = RecyclingConfig(lookup_nodes=0)
     print("learning acceptance rates and measuring auto vs 80 nodes (ONNX Runtime) ...", flush=True)
@@ -80,10 +80,10 @@ def main():
     curve = expected_tokens(rates, 80)
     predicted = {}
     for name, secs in latency.items():
-        profile = LatencyProfile(secs, 256, machine()["cpu"], name)
+        profile = LatencyProfile(secs, 256, describe()["cpu"], name)
         predicted[name] = {"speedup": [curve[n] * profile(1) / profile(n + 1) for n in range(1, 81)],
                            "best": best_size(curve, profile)}
-    results = {"machine": machine(), "latency_s": latency, "expected_tokens": curve, "predicted": predicted,
+    results = {"machine": describe(), "latency_s": latency, "expected_tokens": curve, "predicted": predicted,
                "measured_onnx": {"plain_tokens_per_s": plain_tps, "auto": auto_m | {"nodes": auto.drafter.config.budget},
                                  "80_nodes": big_m},
                "questions": len(questions), "max_new_tokens": args.max_new_tokens}

@@ -1,4 +1,4 @@
-"""Kernels for the runtime's hot loops, one family per file, each with a torch reference, a Numba CPU (``njit``,
+"""Kernels for the runtime's hot loops (layer: above the base modules, below models and graph capture), one family per file, each with a torch reference, a Numba CPU (``njit``,
 cached) and a Numba CUDA version behind one dispatch (``dispatch.py``, ``TOKOPT_KERNELS=auto|numba|reference``):
 
 - ``tree_inputs.py``: positions, ancestor structure and validity of a batch of draft trees; the step mask;

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokopt.kernels.dispatch import Kernel, as_cuda_array, lazy_cuda, lazy_njit
+from tokopt.kernels.dispatch import as_cuda_array, grid, Kernel, lazy_cuda, lazy_njit
 
 NUMBA_DTYPES = (torch.float32, torch.float64)
 
@@ -122,7 +122,6 @@ def cuda_kernels():
 def greedy_accept_launch(logits, tokens, parents, sizes, path, lengths, next_tokens):
     """Launch on a batch: ``logits [B, N, V]``, ``tokens``/``parents``/``path`` ``[B, N]``, ``sizes``/``lengths``/
     ``next_tokens`` ``[B]`` (device arrays, or numpy under ``NUMBA_ENABLE_CUDASIM=1``)."""
-    from tokopt.kernels.dispatch import grid
 
     cuda_kernels()["greedy_accept"][grid(logits.shape[0], 32)](logits, tokens, parents, sizes, path, lengths,
                                                                 next_tokens)

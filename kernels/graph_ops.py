@@ -21,6 +21,7 @@ Example::
 
 import torch
 
+from tokopt.errors import TokoptError
 from tokopt.kernels import logit_stats
 
 MODULES = {logit_stats.OP_NAME: logit_stats}  # op name -> kernel module (OP_NAME, logit_stats op, ...)
@@ -50,8 +51,6 @@ def register_tensorrt_plugins(trtp=None, plugins=None) -> list:
     it. Idempotent per process. ``trtp`` / ``plugins``: ``tensorrt.plugin`` and
     ``torch_tensorrt.dynamo.conversion.plugins`` (imported when not given). Returns the registered names."""
     if trtp is None or plugins is None:
-        from tokopt.tensorrt_target import require_tensorrt
-
         require_tensorrt()
         import tensorrt.plugin as trtp  # noqa: F811  (TensorRT >= 10.7)
         from torch_tensorrt.dynamo.conversion import plugins
@@ -68,3 +67,18 @@ def register_tensorrt_plugins(trtp=None, plugins=None) -> list:
 
 
 _REGISTERED: set = set()
+
+INSTALL = ("TensorRT export needs torch-tensorrt (matching torch {torch}) and an NVIDIA GPU: on a CUDA machine run "
+           "`pip install 'tokopt[tensorrt]'`; on this machine use --target onnx (ONNX Runtime) or --target pt2")
+
+
+def require_tensorrt():
+    """``torch_tensorrt``, or a TokoptError with one line saying what to install."""
+    try:
+        import torch_tensorrt
+    except Exception:  # ImportError, or a broken CUDA/TensorRT install raising at import
+        raise TokoptError(INSTALL.format(torch=torch.__version__.split("+")[0])) from None
+    if not torch.cuda.is_available():
+        raise TokoptError("TensorRT export needs an NVIDIA GPU: torch sees no CUDA device here; use --target onnx")
+    return torch_tensorrt
+

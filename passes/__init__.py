@@ -1,9 +1,7 @@
 """Graph passes over the captured decoder (``GraphModule -> (GraphModule, PassReport)``), one per file.
 
-Importing this package registers every pass; ``tokopt passes`` lists them.
+Layer: passes, above kernels and models (graph capture), below the runtime. ``registry.py`` defines a pass
+and its report; ``manager.py`` imports every pass module (registering it) and runs an ordered list;
+``tokopt passes`` lists them. Expert-parallel passes (``expert_placement``, ``expert_parallel``,
+``fuse_alltoall``) rewrite the per-rank step program of ``tokopt.models.ep_program``.
 """
-
-from tokopt.passes import (  # noqa: F401
-    attention_taps, entropy_tap, expert_parallel, expert_placement, fuse_alltoall, logit_taps, lower_grouped_mm, ppd_slots,
-    remove_noop_casts, small_batch_linear,
-)

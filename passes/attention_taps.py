@@ -26,17 +26,32 @@ Example::
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 
-from tokopt.pass_manager import PassReport, register_pass
-from tokopt.uncertainty.sequence_scores import rauq_layers
+from tokopt.models.graph_meta import decoder_meta
+from tokopt.passes.registry import NOT_DECODER, PassReport, register_pass
+from tokopt.errors import TokoptError
 
 NAME = "attention_taps"
 OUTPUT = "prev_attention"
 
 aten = torch.ops.aten
+
+
+def rauq_layers(num_layers: int) -> list[int]:
+    """The middle layers RAUQ reads, ``[L // 3, ceil(2L / 3)]`` inclusive, as in lm-polygraph.
+
+    Example::
+
+        >>> rauq_layers(30)
+        [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    """
+    if num_layers < 1:
+        raise TokoptError(f"rauq_layers: num_layers must be >= 1, got {num_layers}")
+    return list(range(num_layers // 3, min(num_layers, math.ceil(num_layers / 3 * 2) + 1)))
 
 
 def _sdpa_nodes(graph) -> list:
@@ -49,14 +64,16 @@ def _placeholder(graph, name):
 
 @register_pass(NAME, "adds RAUQ's previous-token attention of the middle layers' heads per row (q.k - LSE, no "
                      "attention matrix)")
-def attention_taps(gm: torch.fx.GraphModule):
-    meta = gm.meta.get("tokopt", {})
-    names = list(meta.get("output_names", []))
+def attention_taps(gm: torch.fx.GraphModule, config=None):
+    meta = decoder_meta(gm)
+    if meta is None:
+        return gm, PassReport(NAME, why_not=NOT_DECODER)
+    names = list(meta.output_names)
     if OUTPUT in names:
         return gm, PassReport(NAME, matched=1, detail="already tapped: nothing to add")
     g = gm.graph
     sdpa = _sdpa_nodes(g)
-    spec = meta.get("spec")
+    spec = meta.spec
     mask, rows = _placeholder(g, "attention_mask"), _placeholder(g, "logits_rows")
     if spec is None or mask is None or rows is None:
         return gm, PassReport(NAME, why_not="looked for a captured decoder graph (inputs attention_mask and "
@@ -77,8 +94,8 @@ def attention_taps(gm: torch.fx.GraphModule):
         tap = call(aten.mul.Tensor, (tap, call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (has_prev, -1)), -1))))
     output.args = (tuple(list(output.args[0]) + [tap]),)
     gm.recompile()
-    meta["output_names"] = names + [OUTPUT]
-    meta["attention_tap_layers"] = layers
+    meta.output_names = names + [OUTPUT]
+    meta.attention_tap_layers = layers
     return gm, PassReport(NAME, matched=len(layers), changed=True,
                           detail=f"tapped {len(layers)} of {spec.num_layers} layers ({layers[0]}..{layers[-1]}) x "
                                  f"all heads: +output {OUTPUT}")

@@ -19,16 +19,19 @@ import operator
 import torch
 
 from tokopt.kernels import logit_stats  # registers torch.ops.tokopt.logit_stats
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.models.graph_meta import decoder_meta
+from tokopt.passes.registry import NOT_DECODER, PassReport, register_pass
 
 NAME = "entropy_tap"
 TAP_OUTPUTS = ("entropy", "max_logprob")
 
 
 @register_pass(NAME, "adds per-token entropy and max log-probability outputs after the LM head (logits unchanged)")
-def entropy_tap(gm: torch.fx.GraphModule):
-    meta = gm.meta["tokopt"]
-    names = list(meta["output_names"])
+def entropy_tap(gm: torch.fx.GraphModule, config=None):
+    meta = decoder_meta(gm)
+    if meta is None:
+        return gm, PassReport(NAME, why_not=NOT_DECODER)
+    names = list(meta.output_names)
     if "logits" not in names:
         return gm, PassReport(NAME, why_not=f"looked for a graph output named 'logits'; outputs are {names[:4]}...")
     if all(t in names for t in TAP_OUTPUTS):
@@ -42,6 +45,6 @@ def entropy_tap(gm: torch.fx.GraphModule):
         max_logprob = gm.graph.call_function(operator.getitem, (stats, logit_stats.OUTPUTS.index("max_logprob")))
     output.args = (tuple(values + [entropy, max_logprob]),)
     gm.recompile()
-    meta["output_names"] = names + list(TAP_OUTPUTS)
+    meta.output_names = names + list(TAP_OUTPUTS)
     return gm, PassReport(NAME, matched=1, changed=True,
                           detail=f"tapped '{logits.name}': +outputs {', '.join(TAP_OUTPUTS)}")

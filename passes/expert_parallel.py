@@ -1,49 +1,67 @@
 """expert_parallel: shard every MoE layer's experts over N ranks, with dispatch and combine Alltoalls.
 
-Rewrites each ``moe_l`` node of an expert-parallel step program (``tokopt.runtime.distributed.program``) into::
+Rewrites each ``moe_l`` node of an expert-parallel step program (``tokopt.models.ep_program.program``) into::
 
     route_l -> dispatch_l (all_to_all_single) -> experts_l (this rank's E/N experts) -> combine_l (all_to_all_single)
 
 so each MoE layer does two Alltoalls, as DeepSpeed-MoE, Tutel and Megatron do. The rank and world size come
-from ``gm.meta['ep']`` (set by the runtime before the passes run); rank r keeps experts
-``[r*E/N, (r+1)*E/N)`` of the program's numbering (``expert_placement`` first, to place them otherwise).
+from the pass config (``ExpertParallelConfig``); rank r keeps experts ``[r*E/N, (r+1)*E/N)`` of the program's
+numbering (``expert_placement`` first, to place them otherwise). The program's metadata records them.
 
 Example::
 
-    gm = capture_program(model); gm.meta["ep"].update(world=4, rank=1)
-    gm, report = expert_parallel(gm)      # report.detail: "... 2 Alltoalls per MoE layer"
+    gm = capture_program(model)
+    gm, reports = run_passes(gm, [ExpertParallelConfig(world=4, rank=1)])   # "... 2 Alltoalls per MoE layer"
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from tokopt.errors import TokoptError
-from tokopt.pass_manager import PassReport, register_pass
-from tokopt.runtime.distributed.expert_ops import Exchange, LocalExperts, Route
-from tokopt.runtime.distributed.program import MoE, alltoalls_per_layer
+from tokopt.models.graph_meta import ep_meta
+from tokopt.passes.registry import PassConfig, PassReport, register_pass
+from tokopt.models.ep_program.ops import Exchange, LocalExperts, Route
+from tokopt.models.ep_program.program import MoE, alltoalls_per_layer
 
 NAME = "expert_parallel"
 NOT_EP = ("no MoE step program: this pass rewrites tokopt's expert-parallel program "
-          "(tokopt.runtime.distributed.program.capture_program), run by `tokopt generate --ep N`")
+          "(tokopt.models.ep_program.program.capture_program), run by `tokopt generate --ep N`")
+
+
+@dataclass(frozen=True)
+class ExpertParallelConfig(PassConfig):
+    """Shard for ``world`` ranks, as rank ``rank``."""
+
+    pass_name: ClassVar[str] = NAME
+    world: int = 1
+    rank: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world:
+            raise TokoptError(f"expert_parallel: rank must be in 0..world-1 (world {self.world}), got {self.rank}")
 
 
 def moe_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MoE)]
 
 
-@register_pass(NAME, "shards MoE experts over N ranks: dispatch + combine all_to_all_single per layer")
-def expert_parallel(gm: torch.fx.GraphModule):
-    ep = gm.meta.get("ep")
+@register_pass(NAME, "shards MoE experts over N ranks: dispatch + combine all_to_all_single per layer",
+               config=ExpertParallelConfig)
+def expert_parallel(gm: torch.fx.GraphModule, config: ExpertParallelConfig = ExpertParallelConfig()):
+    ep = ep_meta(gm)
     if ep is None:
         return gm, PassReport(NAME, why_not=NOT_EP)
-    if not ep["moe_layers"]:
-        raise TokoptError(f"the model ({ep.get('model_type')}) has no Mixture-of-Experts layers: expert_parallel "
+    if not ep.moe_layers:
+        raise TokoptError(f"the model ({ep.model_type}) has no Mixture-of-Experts layers: expert_parallel "
                           "shards experts and needs an MoE model (mixtral, qwen2_moe, qwen3_moe, olmoe)")
     nodes = moe_nodes(gm)
     if not nodes:
         return gm, PassReport(NAME, why_not="no unsharded MoE layer left (already sharded)")
-    world, rank = int(ep.get("world", 1)), int(ep.get("rank", 0))
+    world, rank = config.world, config.rank
     for node in nodes:
         moe = gm.get_submodule(node.target)
         if moe.num_experts % world:
@@ -72,7 +90,7 @@ def expert_parallel(gm: torch.fx.GraphModule):
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)  # the unsharded experts are not kept on this rank
     gm.recompile()
-    ep["strategy"] = "two_alltoall"
+    ep.world, ep.rank, ep.strategy = world, rank, "two_alltoall"
     counts = alltoalls_per_layer(gm)
     per_layer = sorted(set(counts.values()))
     return gm, PassReport(NAME, matched=len(nodes), changed=True,

@@ -4,27 +4,40 @@ A placement (``tokopt place``, ``tokopt.place``) says, per MoE layer, which rank
 pass reorders each layer's experts (router rows, gate/up and down weights together) so that the experts of
 rank 0 come first, then rank 1, ...; ``expert_parallel`` then shards contiguously. The model's function is
 unchanged (the router picks the same experts under their new numbers); ``perm`` keeps the original ids for
-traces and counters. Run it before ``expert_parallel``. Reads ``gm.meta['ep']['placement']`` ([layers][experts]).
+traces and counters. Run it before ``expert_parallel``, with the placement ([MoE layers][experts] -> rank) and
+the rank count in its config.
 
 Example::
 
-    gm.meta["ep"].update(world=4, placement=placement.assignment)
-    gm, report = expert_placement(gm)
+    gm, reports = run_passes(gm, [ExpertPlacementConfig(placement.assignment, world=4),
+                                  ExpertParallelConfig(world=4, rank=1)])
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from tokopt.errors import TokoptError
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.models.graph_meta import ep_meta
+from tokopt.passes.registry import PassConfig, PassReport, register_pass
 from tokopt.passes.expert_parallel import NOT_EP, moe_nodes
 
 NAME = "expert_placement"
+
+
+@dataclass(frozen=True)
+class ExpertPlacementConfig(PassConfig):
+    """``placement``: [MoE layers, experts] -> rank (None: nothing to place); ``world``: the rank count."""
+
+    pass_name: ClassVar[str] = NAME
+    placement: object = None
+    world: int = 1
 
 
 def check_placement(placement, moe_layers, num_experts, world) -> np.ndarray:
@@ -57,19 +70,19 @@ def _permuted(block, order):
     return new
 
 
-@register_pass(NAME, "applies an expert placement: permutes expert weights so each rank's experts are contiguous")
-def expert_placement(gm: torch.fx.GraphModule):
-    ep = gm.meta.get("ep")
-    if ep is None:
+@register_pass(NAME, "applies an expert placement: permutes expert weights so each rank's experts are contiguous",
+               config=ExpertPlacementConfig)
+def expert_placement(gm: torch.fx.GraphModule, config: ExpertPlacementConfig = ExpertPlacementConfig()):
+    if ep_meta(gm) is None:
         return gm, PassReport(NAME, why_not=NOT_EP)
-    if ep.get("placement") is None:
-        return gm, PassReport(NAME, why_not="no placement given (gm.meta['ep']['placement'] is None)")
+    if config.placement is None:
+        return gm, PassReport(NAME, why_not="no placement given (ExpertPlacementConfig.placement is None)")
     nodes = moe_nodes(gm)
     if not nodes:
         return gm, PassReport(NAME, why_not="no unsharded MoE layer: run expert_placement before expert_parallel")
-    world = int(ep.get("world", 1))
+    world = config.world
     mods = [gm.get_submodule(n.target) for n in nodes]
-    placement = check_placement(ep["placement"], [m.index for m in mods], mods[0].num_experts, world)
+    placement = check_placement(config.placement, [m.index for m in mods], mods[0].num_experts, world)
     moved = 0
     for moe, row in zip(mods, placement):
         order = np.argsort(row, kind="stable")  # new expert j = old expert order[j]

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.models.graph_meta import ep_meta
+from tokopt.passes.registry import PassReport, register_pass
 from tokopt.passes.expert_parallel import NOT_EP
-from tokopt.runtime.distributed.expert_ops import Exchange
-from tokopt.runtime.distributed.program import Attention, alltoalls_per_layer
+from tokopt.models.ep_program.ops import Exchange
+from tokopt.models.ep_program.program import Attention, alltoalls_per_layer
 
 NAME = "fuse_alltoall"
 
 
 @register_pass(NAME, "context-coherent EP: fuses each combine into the next dispatch (1 Alltoall per MoE layer)")
-def fuse_alltoall(gm: torch.fx.GraphModule):
-    ep = gm.meta.get("ep")
+def fuse_alltoall(gm: torch.fx.GraphModule, config=None):
+    ep = ep_meta(gm)
     if ep is None:
         return gm, PassReport(NAME, why_not=NOT_EP)
     pairs = []
@@ -57,7 +58,7 @@ def fuse_alltoall(gm: torch.fx.GraphModule):
         if isinstance(module, Attention):
             module.coherent = True
     gm.recompile()
-    ep["strategy"] = "context_coherent"
+    ep.strategy = "context_coherent"
     after = alltoalls_per_layer(gm)
     fmt = lambda c: "/".join(map(str, sorted(set(c.values()))))  # noqa: E731
     return gm, PassReport(NAME, matched=len(pairs), changed=True,

@@ -28,7 +28,8 @@ import operator
 import torch
 
 from tokopt.kernels import logit_stats  # registers torch.ops.tokopt.logit_stats
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.models.graph_meta import decoder_meta
+from tokopt.passes.registry import NOT_DECODER, PassReport, register_pass
 
 NAME = "logit_taps"
 TOP_K = 20
@@ -39,9 +40,11 @@ aten = torch.ops.aten
 
 
 @register_pass(NAME, "adds entropy, max prob, margin, self-certainty, log-normalizer and top-20 logprobs per row")
-def logit_taps(gm: torch.fx.GraphModule):
-    meta = gm.meta.get("tokopt", {})
-    names = list(meta.get("output_names", []))
+def logit_taps(gm: torch.fx.GraphModule, config=None):
+    meta = decoder_meta(gm)
+    if meta is None:
+        return gm, PassReport(NAME, why_not=NOT_DECODER)
+    names = list(meta.output_names)
     if "logits" not in names:
         return gm, PassReport(NAME, why_not=f"looked for a graph output named 'logits'; outputs are {names[:4]}")
     missing = [t for t in TAP_OUTPUTS if t not in names]
@@ -50,7 +53,7 @@ def logit_taps(gm: torch.fx.GraphModule):
     output = next(n for n in gm.graph.nodes if n.op == "output")
     values = list(output.args[0])
     logits = values[names.index("logits")]
-    vocab = meta["spec"].vocab_size
+    vocab = meta.spec.vocab_size
     k = min(TOP_K, vocab)
     g = gm.graph
     with g.inserting_before(output):
@@ -71,6 +74,6 @@ def logit_taps(gm: torch.fx.GraphModule):
     output.args = (tuple(values + [made[t] for t in missing]),)
     g.eliminate_dead_code()
     gm.recompile()
-    meta["output_names"] = names + missing
+    meta.output_names = names + missing
     return gm, PassReport(NAME, matched=1, changed=True,
                           detail=f"tapped '{logits.name}': +outputs {', '.join(missing)} (top-{k})")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.passes.registry import PassReport, register_pass
 
 NAME = "lower_grouped_mm"
 
@@ -68,7 +68,7 @@ def grouped_mm_lowered(input: torch.Tensor, weight: torch.Tensor, offs: torch.Te
 
 
 @register_pass(NAME, "MoE experts' transformers::grouped_mm_fallback -> standard ops (export to ONNX/TensorRT)")
-def lower_grouped_mm(gm: torch.fx.GraphModule):
+def lower_grouped_mm(gm: torch.fx.GraphModule, config=None):
     nodes = grouped_mm_nodes(gm)
     if not nodes:
         return gm, PassReport(NAME, why_not="no transformers::grouped_mm_fallback call in the graph (dense model, "

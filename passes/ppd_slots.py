@@ -11,27 +11,42 @@ after a node sees what the node sees, the node and the node's earlier prompt tok
 and its logits guess the token at node + 2 + j. Verification never accepts an id >= V, so the tree
 verification stays lossless unchanged.
 
-The table comes from ``gm.meta['tokopt']['ppd_prompt_embeddings']`` (set by ``tokopt.optimize`` from the
+The table comes from the pass config (``PPDSlotsConfig(embeddings=...)``, which ``tokopt.optimize`` fills from the
 artifact ``tokopt train-ppd`` saved for the model), else zeros (``DEFAULT_K`` of them; an untrained control).
-The pass records ``meta['ppd'] = {'k': k, 'vocab_size': V, 'trained': bool}``.
+The pass records the slots in the graph's facts: ``graph_meta(gm).facts.ppd = PPDFacts(k, V, trained, ...)``.
 
 Example::
 
-    gm = capture(model); gm.meta["tokopt"]["ppd_prompt_embeddings"] = artifact["embeddings"]
-    gm, report = ppd_slots(gm)          # now ids V, V+1, V+2 are the prompt tokens
+    gm = capture(model)
+    gm, reports = run_passes(gm, [PPDSlotsConfig(embeddings=artifact["embeddings"])])   # ids V..V+2: prompts
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.errors import TokoptError
+from tokopt.models.graph_meta import PPDFacts, decoder_meta
+from tokopt.passes.registry import NOT_DECODER, PassConfig, PassReport, register_pass
 
 NAME = "ppd_slots"
 DEFAULT_K = 3
 TABLE = "ppd_prompt_table"
 
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class PPDSlotsConfig(PassConfig):
+    """``embeddings``: trained prompt embeddings ``[k, hidden]`` (None: ``DEFAULT_K`` zero rows, the untrained
+    control); ``rank_accuracy``: their measured per-position accuracies (the drafter's prior)."""
+
+    pass_name: ClassVar[str] = NAME
+    embeddings: torch.Tensor | None = None
+    rank_accuracy: list | None = None
 
 
 def prompt_embedding(ids: torch.Tensor, embed_weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -52,10 +67,13 @@ def _embedding_of_inputs(gm):
     return None, ids
 
 
-@register_pass(NAME, "token ids V..V+k-1 read k trained prompt embeddings (parallel prompt decoding; logits unchanged)")
-def ppd_slots(gm: torch.fx.GraphModule):
-    meta = gm.meta["tokopt"]
-    if "ppd" in meta:
+@register_pass(NAME, "token ids V..V+k-1 read k trained prompt embeddings (parallel prompt decoding; logits unchanged)",
+               config=PPDSlotsConfig)
+def ppd_slots(gm: torch.fx.GraphModule, config: PPDSlotsConfig = PPDSlotsConfig()):
+    meta = decoder_meta(gm)
+    if meta is None:
+        return gm, PassReport(NAME, why_not=NOT_DECODER)
+    if meta.facts.ppd is not None:
         return gm, PassReport(NAME, matched=1, detail="already has prompt slots: nothing to add")
     embed, ids = _embedding_of_inputs(gm)
     if embed is None:
@@ -65,15 +83,13 @@ def ppd_slots(gm: torch.fx.GraphModule):
                                             f"embedding ops found: {found or 'none'}")
     weight = embed.args[0]
     weight_val = weight.meta.get("val") if hasattr(weight, "meta") else None
-    vocab, hidden = meta["spec"].vocab_size, (weight_val.shape[1] if weight_val is not None else None)
-    table = meta.pop("ppd_prompt_embeddings", None)
+    vocab, hidden = meta.spec.vocab_size, (weight_val.shape[1] if weight_val is not None else None)
+    table = config.embeddings
     trained = table is not None
     if table is None:
-        table = torch.zeros(DEFAULT_K, hidden, dtype=meta["spec"].torch_dtype)
-    table = table.detach().to(meta["spec"].torch_dtype).clone()
+        table = torch.zeros(DEFAULT_K, hidden, dtype=meta.spec.torch_dtype)
+    table = table.detach().to(meta.spec.torch_dtype).clone()
     if hidden is not None and table.shape[1] != hidden:
-        from tokopt.errors import TokoptError
-
         raise TokoptError(f"prompt embeddings have width {table.shape[1]}, the model's token embedding {hidden}")
     k = table.shape[0]
     gm.register_buffer(TABLE, table)
@@ -91,7 +107,7 @@ def ppd_slots(gm: torch.fx.GraphModule):
     g.erase_node(embed)
     g.eliminate_dead_code()
     gm.recompile()
-    meta["ppd"] = {"k": k, "vocab_size": vocab, "trained": trained}
+    meta.facts.ppd = PPDFacts(k, vocab, trained, config.rank_accuracy)
     return gm, PassReport(NAME, matched=1, changed=True,
                           detail=f"ids {vocab}..{vocab + k - 1} -> {k} {'trained' if trained else 'zero'} "
                                  f"prompt embeddings ({table.numel() * table.element_size()} bytes)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.passes.registry import PassReport, register_pass
 
 NAME = "remove_noop_casts"
 _CASTS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
@@ -39,7 +39,7 @@ def _is_noop_cast(node) -> bool:
 
 
 @register_pass(NAME, "removes dtype casts that change nothing and export's metadata asserts (bit-identical)")
-def remove_noop_casts(gm: torch.fx.GraphModule):
+def remove_noop_casts(gm: torch.fx.GraphModule, config=None):
     graph = gm.graph
     casts = asserts = seen_casts = 0
     for node in list(graph.nodes):

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.pass_manager import PassReport, register_pass
+from tokopt.passes.registry import PassReport, register_pass
 
 NAME = "small_batch_linear"
 _aten = torch.ops.aten
 
 
 @register_pass(NAME, "computes linear(x, W) as (W @ x^T)^T: no weight packing for few-token steps (eager CPU)")
-def small_batch_linear(gm: torch.fx.GraphModule):
+def small_batch_linear(gm: torch.fx.GraphModule, config=None):
     graph = gm.graph
     rewritten = skipped = 0
     for node in list(graph.nodes):

@@ -28,17 +28,17 @@ Example::
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from tokopt.errors import TokoptError
-from tokopt.runtime.generate import GenerationResult, decode_one_token, prefill, prompt_inputs
-from tokopt.runtime.masks import step_mask
+from tokopt.models.masks import step_mask
+from tokopt.runtime.logprobs import entropy
+from tokopt.runtime.request import (Clock, GenerationRequest, GenerationResult, Rows, decode_one_token, finish,
+                                    prefill)
 from tokopt.runtime.sampling import SamplingParams, next_token, process_logits
-from tokopt.runtime.speculative.decode import DROP_DEAD_MIN, DROP_DEAD_SHARE
-from tokopt.uncertainty.logit_stats import entropy
+from tokopt.runtime.speculative.decode import compact
 
 ENTROPY_LOW, ENTROPY_HIGH = 0.01, 1.5  # nats: below, one trial; above, n_max trials
 PUNCTUATION = set(".,!?;:") | set("。，！？；：…")
@@ -188,12 +188,88 @@ def run_trials(engine, cache, logits, position: int, n: int, *, sampling: Sampli
     chosen = min(range(n), key=lambda i: (perplexities[i], i))
     slots = [s for s, i in enumerate(owner) if i == chosen]
     index = torch.tensor([slots], dtype=torch.long)
-    cache = cache.compact_tail(start, index, torch.ones_like(index, dtype=torch.bool))
-    if cache.dead_slots() >= max(DROP_DEAD_MIN, DROP_DEAD_SHARE * cache.length):
-        cache = cache.drop_dead()
+    cache = compact(cache, start, index, torch.ones_like(index, dtype=torch.bool))
     trial_set = TrialSet(chains, logprobs, perplexities, chosen, forwards,
                          [torch.stack(k) if k else None for k in kept] if keep_logits else None)
     return trial_set, cache, last_logits[chosen]
+
+
+def _check_settings(request: GenerationRequest, n_max: int, max_trial_tokens: int) -> None:
+    if max_trial_tokens < 1:
+        raise TokoptError(f"max_trial_tokens must be >= 1, got {max_trial_tokens}")
+    num_trials(0.0, n_max)  # checks n_max
+    if request.sampling.gumbel_seed is not None:
+        raise TokoptError("cautious_generate draws its trials with a torch generator; gumbel_seed is not supported")
+    if request.batch != 1:
+        raise TokoptError(f"cautious_generate decodes one prompt at a time (batch 1), got a batch of "
+                          f"{request.batch}; call it once per prompt")
+
+
+def _trial_enders(punctuation_ids, tokenizer, n_max: int) -> frozenset:
+    """The punctuation ids that end a trial: given, else the tokenizer's (``punctuation_token_ids``)."""
+    if punctuation_ids is None:
+        if tokenizer is None and n_max > 1:
+            raise TokoptError("CNTP trials end at punctuation: pass punctuation_ids=... or tokenizer=... "
+                              "(punctuation_ids=() lets trials run to max_trial_tokens)")
+        punctuation_ids = punctuation_token_ids(tokenizer) if tokenizer is not None else set()
+    return frozenset(int(t) for t in punctuation_ids)
+
+
+def _cautious_step(engine, cache, logits, position: int, budget: int, request: GenerationRequest, *, n_max: int,
+                   max_trial_tokens: int, punct: frozenset, generator, stats: CautiousStats):
+    """One CNTP step from the pending distribution ``logits`` ``[V]`` of the token at ``position``: the entropy
+    sets the trials; one trial takes the next token, more keep the most confident chain. Returns (tokens to emit,
+    cache, the logits after them or None when they end the generation, forwards run)."""
+    sampling, eos = request.sampling, frozenset(request.eos_token_ids)
+    h = float(entropy(process_logits(logits[None], sampling))[0])
+    n = num_trials(h, n_max)
+    stats.entropies.append(h)
+    stats.trials.append(n)
+    if n > 1:
+        trial_set, cache, next_logits = run_trials(
+            engine, cache, logits, position, n, sampling=sampling, generator=generator,
+            max_tokens=min(max_trial_tokens, budget), stop_ids=punct | eos, final_ids=eos, horizon=budget)
+        stats.trial_sets.append(trial_set)
+        return trial_set.chains[trial_set.chosen], cache, next_logits, trial_set.forwards
+    token = int(next_token(logits[None], sampling, generator, positions=torch.tensor([position]))[0])
+    if token in eos or budget <= 1:
+        return [token], cache, None, 0
+    out, cache = decode_one_token(engine, cache, torch.tensor([token]), torch.tensor([position]))
+    return [token], cache, out.logits[0, -1], 1
+
+
+def cautious_decode(engine, request: GenerationRequest, *, n_max: int = 40, max_trial_tokens: int = 16,
+                    punctuation_ids=None, seed: int | None = None) -> GenerationResult:
+    """CNTP decoding (module docstring) of a one-prompt ``request``; its sampling parameters process the
+    distribution (see ``cautious_generate``), its tokenizer gives the punctuation ids unless ``punctuation_ids``.
+
+    Example::
+
+        request = GenerationRequest.create(ids, spec=engine.spec, max_new_tokens=32, tokenizer=tok,
+                                           sampling=SamplingParams(do_sample=True), eos_token_ids=[2])
+        result = cautious_decode(engine, request, n_max=8, seed=0)
+    """
+    _check_settings(request, n_max, max_trial_tokens)
+    punct = _trial_enders(punctuation_ids, request.tokenizer, n_max)
+    generator = (torch.Generator().manual_seed(seed) if seed is not None else request.sampling.generator())
+    stats = CautiousStats()
+    clock = Clock()
+    out, cache = prefill(engine, request.input_ids, request.prompt_valid)
+    clock.prefilled()
+    rows = Rows(request)
+    logits, position, forwards = out.logits[0, -1], int(request.prompt_lengths()[0]), 1
+    while True:
+        emitted, cache, logits, used = _cautious_step(
+            engine, cache, logits, position, request.max_new_tokens - len(rows.tokens[0]), request, n_max=n_max,
+            max_trial_tokens=max_trial_tokens, punct=punct, generator=generator, stats=stats)
+        forwards += used
+        taken = rows.emit(0, emitted)
+        stats.emitted.append(taken)
+        position += taken
+        if rows.done or logits is None:
+            break
+    stats.forwards = forwards
+    return finish(request, rows, clock, forwards, stats=stats)
 
 
 def cautious_generate(engine, input_ids, *, max_new_tokens: int,
@@ -211,71 +287,7 @@ def cautious_generate(engine, input_ids, *, max_new_tokens: int,
 
         result = cautious_generate(opt.engine, ids, max_new_tokens=32, tokenizer=tok, seed=0)
     """
-    if max_new_tokens < 1:
-        raise TokoptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_trial_tokens < 1:
-        raise TokoptError(f"max_trial_tokens must be >= 1, got {max_trial_tokens}")
-    num_trials(0.0, n_max)  # checks n_max
-    if sampling.gumbel_seed is not None:
-        raise TokoptError("cautious_generate draws its trials with a torch generator; gumbel_seed is not supported")
-    input_ids, prompt_valid = prompt_inputs(input_ids, None, max_new_tokens, engine.spec.max_positions)
-    if input_ids.shape[0] != 1:
-        raise TokoptError(f"cautious_generate decodes one prompt at a time (batch 1), got a batch of "
-                          f"{input_ids.shape[0]}; call it once per prompt")
-    if punctuation_ids is None:
-        if tokenizer is None and n_max > 1:
-            raise TokoptError("CNTP trials end at punctuation: pass punctuation_ids=... or tokenizer=... "
-                              "(punctuation_ids=() lets trials run to max_trial_tokens)")
-        punctuation_ids = punctuation_token_ids(tokenizer) if tokenizer is not None else set()
-    punct = frozenset(int(t) for t in punctuation_ids)
-    eos = frozenset(int(t) for t in eos_token_ids)
-    generator = (torch.Generator().manual_seed(seed) if seed is not None else sampling.generator())
-    stats = CautiousStats()
-
-    start = time.perf_counter()
-    out, cache = prefill(engine, input_ids, prompt_valid)
-    prefill_s = time.perf_counter() - start
-    forwards = 1
-    logits = out.logits[0, -1]
-    position = int(prompt_valid.sum())
-    tokens = []
-    while True:
-        budget = max_new_tokens - len(tokens)
-        h = float(entropy(process_logits(logits[None], sampling))[0])
-        n = num_trials(h, n_max)
-        stats.entropies.append(h)
-        stats.trials.append(n)
-        if n == 1:
-            token = int(next_token(logits[None], sampling, generator, positions=torch.tensor([position]))[0])
-            emitted = [token]
-            next_logits = None
-            if token not in eos and budget > 1:
-                out, cache = decode_one_token(engine, cache, torch.tensor([token]), torch.tensor([position]))
-                forwards += 1
-                next_logits = out.logits[0, -1]
-        else:
-            trial_set, cache, next_logits = run_trials(
-                engine, cache, logits, position, n, sampling=sampling, generator=generator,
-                max_tokens=min(max_trial_tokens, budget), stop_ids=punct | eos, final_ids=eos, horizon=budget)
-            forwards += trial_set.forwards
-            stats.trial_sets.append(trial_set)
-            emitted = trial_set.chains[trial_set.chosen]
-        tokens += emitted
-        stats.emitted.append(len(emitted))
-        position += len(emitted)
-        if emitted[-1] in eos or len(tokens) >= max_new_tokens or next_logits is None:
-            break
-        logits = next_logits
-    stats.forwards = forwards
-    decode_s = time.perf_counter() - start - prefill_s
-    new = torch.tensor([tokens], dtype=torch.long)
-    return GenerationResult(
-        sequences=torch.cat([input_ids, new], dim=1),
-        num_prompt_tokens=input_ids.shape[1],
-        new_tokens=new,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        forwards=forwards,
-        generated_counts=torch.tensor([len(tokens)]),
-        stats=stats,
-    )
+    request = GenerationRequest.create(input_ids, spec=engine.spec, max_new_tokens=max_new_tokens,
+                                       sampling=sampling, eos_token_ids=eos_token_ids, tokenizer=tokenizer)
+    return cautious_decode(engine, request, n_max=n_max, max_trial_tokens=max_trial_tokens,
+                           punctuation_ids=punctuation_ids, seed=seed)

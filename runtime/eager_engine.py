@@ -1,7 +1,5 @@
-"""Runs a decoder graph (the ``DecoderGraph`` module or an optimized ``GraphModule``) in PyTorch.
-
-Every engine has the same call: ``engine(input_ids, position_ids, attention_mask, logits_rows, past) ->
-StepOutput(logits, present, extras)``; ``extras`` holds any outputs passes added (uncertainty taps).
+"""Runs a decoder graph (the ``DecoderGraph`` module or an optimized ``GraphModule``) in PyTorch: an ``Engine``
+(``runtime/engine.py``).
 
 Example::
 
@@ -11,33 +9,23 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor  # [B, R, V], R = len(logits_rows)
-    present: list  # per-layer K/V, [B, kv_heads, P + N, head_dim]
-    extras: dict = field(default_factory=dict)  # name -> [B, R, ...]
-
-
-def split_outputs(outputs, output_names, num_cache: int) -> StepOutput:
-    """Flat graph outputs (logits, present..., extras...) -> StepOutput, by the graph's output names."""
-    extras = dict(zip(output_names[1 + num_cache:], outputs[1 + num_cache:]))
-    return StepOutput(outputs[0], list(outputs[1:1 + num_cache]), extras)
+from tokopt.models.graph_meta import GraphFacts, decoder_meta
+from tokopt.runtime.engine import split_outputs
 
 
 class EagerEngine:
     """A decoder graph run eagerly under ``torch.inference_mode``; ``to(device)`` runs it on another device."""
 
-    name = "eager"
-
-    def __init__(self, module, spec, output_names=None, device=None):
+    def __init__(self, module, spec, output_names=None, device=None, facts: GraphFacts | None = None,
+                 name: str = "eager"):
         self.module = module
+        self.name = name  # how reports call it: eager, torch.export (a pt2 program), tensorrt
         self.spec = spec
         self.output_names = list(output_names or spec.output_names)
+        meta = decoder_meta(module)  # a captured graph's facts are shared: passes run later show here too
+        self.facts = facts if facts is not None else (meta.facts if meta is not None else GraphFacts())
         self._num_cache = 2 * spec.num_layers
         self.device = torch.device(device) if device is not None else None
 
@@ -50,7 +38,7 @@ class EagerEngine:
 
             gpu = opt.engine.to("cuda"); out = gpu(ids, pos, mask, rows, cache.tensors)   # out.logits on the CPU
         """
-        return EagerEngine(self.module.to(device), self.spec, self.output_names, device)
+        return EagerEngine(self.module.to(device), self.spec, self.output_names, device, self.facts, self.name)
 
     def __call__(self, input_ids, position_ids, attention_mask, logits_rows, past) -> StepOutput:
         on_device = self.device is not None and self.device.type != "cpu"

@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from tokopt.runtime.eager_engine import split_outputs
+from tokopt.models.graph_meta import GraphFacts
+from tokopt.runtime.engine import split_outputs
 
 
 def session_options(threads: int | None = None):
@@ -36,11 +37,13 @@ class OrtEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, model_path, spec, output_names, providers=None, threads: int | None = None):
+    def __init__(self, model_path, spec, output_names, providers=None, threads: int | None = None,
+                 facts: GraphFacts | None = None):
         import onnxruntime as ort
 
         self.spec = spec
         self.output_names = list(output_names)
+        self.facts = facts or GraphFacts()
         self.input_names = spec.input_names
         self.providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(os.fspath(model_path), session_options(threads),

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokopt.errors import TokoptError
+from tokopt.runtime.gumbel import gumbel
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,6 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     if params.typical_p < 1.0:  # after top-p, as HF orders its warpers
-        from tokopt.uncertainty.logit_stats import typical_mask
-
         scores = scores.masked_fill(~typical_mask(scores, params.typical_p), float("-inf"))
     return scores
 
@@ -71,10 +71,6 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def gumbel_noise(params: SamplingParams, rows, positions, vocab: int) -> torch.Tensor:
     """``[n, V]`` standard Gumbel noise for the tokens at (row, position): a function of the key alone, so a
     replay draws the same tokens and a changed prefix changes only what follows (counterfactual generation)."""
-    import numpy as np
-
-    from tokopt.uncertainty.counterfactual import gumbel
-
     ids = np.arange(vocab)
     return torch.from_numpy(np.stack([gumbel(params.gumbel_seed, int(r), int(p), ids)
                                       for r, p in zip(rows, positions)])).float()
@@ -93,3 +89,46 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         return (processed + gumbel_noise(params, range(len(logits)), positions, logits.shape[-1])).argmax(dim=-1)
     probs = process_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def typical_mask(logits, mass: float = 0.9, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Boolean keep-mask of Locally Typical Sampling: True where HF's ``TypicalLogitsWarper`` keeps the token.
+
+    Tokens are ranked by ``|-logp - H|`` and kept until their probability mass reaches ``mass``
+    (every token tied with the last one kept is kept too). Computed with the warper's own operations in the
+    input dtype, so it equals ``isfinite(TypicalLogitsWarper(mass)(ids, logits))`` for finite logits.
+
+    Example::
+
+        >>> typical_mask(torch.tensor([2.0, 1.0, 0.0, -5.0]), mass=0.5).tolist()
+        [True, False, False, False]
+    """
+    logits = check_logits(logits)
+    if not (0.0 < mass < 1.0):
+        raise TokoptError(f"typical_mask: mass must be in (0, 1), got {mass!r}")
+    if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise TokoptError(f"typical_mask: min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
+    scores = logits.reshape(-1, logits.shape[-1])
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    p = torch.exp(normalized)
+    ent = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - ent)
+    sorted_scores, sorted_indices = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
+    last_ind = (cumulative < mass).sum(dim=1)
+    last_ind.clamp_(max=sorted_scores.shape[-1] - 1)
+    sorted_remove = sorted_scores > sorted_scores.gather(1, last_ind.view(-1, 1))
+    sorted_remove[..., :min_tokens_to_keep] = 0
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    return (~remove).reshape(logits.shape)
+
+
+def check_logits(logits) -> torch.Tensor:
+    """``logits`` if it is a floating-point tensor ``[..., V]`` with V >= 1, else a TokoptError saying what it is."""
+    if not isinstance(logits, torch.Tensor):
+        raise TokoptError(f"logits must be a torch.Tensor of shape [..., V], got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TokoptError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise TokoptError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    return logits

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tokopt.runtime.sampling import SamplingParams, process_logits
-from tokopt.uncertainty import logit_stats as ls
+from tokopt.runtime import logprobs as ls
 
 NAMES = ("logprob", "entropy_processed", "max_prob_processed", "logprob_processed")
 # Taps that describe a row's input token rather than the token the row chooses: the value for generated token t

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real model (loaded once), one ``tokopt.optimize`` of it, tiny HF models, and the
+"""Shared fixtures: the real model (loaded once), one ``tokopt.api.optimize`` of it, tiny HF models, and the
 spec-bench prompts from the shared data folder.
 
 The real model is SmolLM2-135M-Instruct from the local cache; loading it takes about a second, capturing
@@ -50,19 +50,18 @@ def tokenizer(real):
 
 
 @pytest.fixture(scope="session")
-def opt(real_model):
+def opt(real_model, tokenizer):
     """The one ``tokopt.optimize(model)`` of the real model (default passes) shared by the session."""
     import tokopt
 
-    return tokopt.optimize(real_model)
+    return tokopt.optimize(real_model, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
 def onnx_engine_dir(real_model, tokenizer, opt, tmp_path_factory):
     """The session's ``opt`` exported once as an ONNX engine directory (about 2 minutes)."""
-    from tokopt.engine_dir import export_engine
+    from tokopt.export.engine_dir import export_engine
 
-    opt.tokenizer = tokenizer
     path = tmp_path_factory.mktemp("engines") / "smollm2"
     return export_engine(opt, path, model_config=real_model.config.to_dict(), model_name="smollm2-135m-instruct")
 

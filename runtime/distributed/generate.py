@@ -2,7 +2,9 @@
 
 Every rank runs the same loop: a prefill step over all prompt tokens, then one decode step per new token;
 each step starts with every sequence's new tokens at its home rank, and ends with every rank holding the
-greedy choice of every sequence (so all ranks agree on the next tokens without another exchange).
+greedy choice of every sequence (so all ranks agree on the next tokens without another exchange). The request
+(prompts, budget, EOS ids) and the rows' stopping are every tokopt loop's (``runtime.request``); what is this
+loop's own is the step program and the exchange of tokens between ranks.
 
 Example::
 
@@ -17,8 +19,10 @@ import time
 
 import torch
 
-from tokopt.runtime.distributed.program import StepContext, sync_pending_kv
-from tokopt.runtime.distributed.tokens import Tokens
+from tokopt.models.ep_program.program import StepContext, sync_pending_kv
+from tokopt.models.ep_program.tokens import Tokens
+from tokopt.runtime.prompts import left_pad
+from tokopt.runtime.request import GenerationRequest, Rows
 
 
 def step_tokens(seqs, positions, ids, wants_logits, ctx: StepContext) -> Tokens:
@@ -53,46 +57,48 @@ def run_step(gm, tokens: Tokens, ctx: StepContext, decode: bool):
     return out
 
 
+def _emit_choices(rows: Rows, step_rows: list, choice, logits) -> list:
+    """Emit each live sequence's greedy choice (at its row of this step's output, with its ``logits`` row when
+    kept); return the sequences still live."""
+    for s in rows.live():
+        row = step_rows[s]
+        rows.emit(s, [int(choice[row])], None if logits is None else {"logits": [logits[row]]})
+    return rows.live()
+
+
 def generate_on_rank(gm, prompts, ctx: StepContext, *, max_new_tokens: int, eos_token_id=None,
                      keep_logits: bool = False) -> dict:
     """Greedy-decode every prompt (lists of token ids); return new tokens per sequence, step times, and
-    (``keep_logits``) the logits that chose each token, ``[new, vocab]`` per sequence."""
-    lengths = [len(p) for p in prompts]
+    (``keep_logits``) the logits that chose each token, ``[new, vocab]`` per sequence. ``eos_token_id``: one id
+    or several; rows stop as in every tokopt loop (``runtime.request.Rows``).
+
+    Example::
+
+        out = generate_on_rank(gm, [[1, 2, 3], [4, 5]], StepContext.single(gm, 2), max_new_tokens=8,
+                               eos_token_id=2)
+        out["tokens"], out["step_s"]
+    """
+    request = GenerationRequest.create(*left_pad(prompts, pad_id=0), max_new_tokens=max_new_tokens,
+                                       eos_token_ids=eos_token_id)
+    rows = Rows(request)
+    lengths = request.prompt_lengths().tolist()
     ctx.keep_logits = keep_logits
-    out = [[] for _ in prompts]
-    kept = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    times = []
     start = time.perf_counter()
-    tokens, last_rows = prefill_tokens(prompts, ctx)
+    tokens, last_rows = prefill_tokens(request.prompts(), ctx)
     idx, choice, logits = run_step(gm, tokens, ctx, decode=False)
-    times.append(time.perf_counter() - start)
-    rows = {int(i): r for r, i in enumerate(idx)}
-    step_rows = [rows[last_rows[s]] for s in range(len(prompts))]
-    for _ in range(max_new_tokens):
-        active = []
-        for s, row in enumerate(step_rows):
-            if done[s] or row is None:
-                continue
-            token = int(choice[row])
-            out[s].append(token)
-            if keep_logits:
-                kept[s].append(logits[row])
-            if (eos_token_id is not None and token == eos_token_id) or len(out[s]) >= max_new_tokens:
-                done[s] = True
-            else:
-                active.append(s)
-        if not active:
-            break
+    times = [time.perf_counter() - start]
+    at = {int(i): r for r, i in enumerate(idx)}
+    step_rows = [at[last_rows[s]] for s in range(request.batch)]
+    while active := _emit_choices(rows, step_rows, choice, logits if keep_logits else None):
         start = time.perf_counter()
-        tokens = step_tokens(active, [lengths[s] + len(out[s]) - 1 for s in active], [out[s][-1] for s in active],
-                             [True] * len(active), ctx)
+        tokens = step_tokens(active, [lengths[s] + len(rows.tokens[s]) - 1 for s in active],
+                             [rows.tokens[s][-1] for s in active], [True] * len(active), ctx)
         idx, choice, logits = run_step(gm, tokens, ctx, decode=True)
         times.append(time.perf_counter() - start)
-        step_rows = [None] * len(prompts)
+        step_rows = [None] * request.batch
         for r, i in enumerate(idx.tolist()):
             step_rows[active[i]] = r
-    result = {"tokens": out, "step_s": times}
+    result = {"tokens": rows.tokens, "step_s": times}
     if keep_logits:
-        result["logits"] = [torch.stack(k) if k else torch.empty(0) for k in kept]
+        result["logits"] = [torch.stack(taps["logits"]) for taps in rows.taps]
     return result

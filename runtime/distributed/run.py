@@ -22,47 +22,14 @@ import torch
 import torch.distributed as dist
 
 from tokopt.errors import TokoptError
+from tokopt.models.ep_program.program import StepContext, alltoalls_per_layer, check_moe
+from tokopt.models.graph_meta import ep_meta
+from tokopt.models.loading import load
+from tokopt.passes.expert_placement import check_placement
+from tokopt.runtime.distributed.generate import generate_on_rank
 from tokopt.runtime.distributed.launch import DEFAULT_TIMEOUT_S, in_torchrun, init_group, run_ranks
-
-STRATEGIES = ("two_alltoall", "context_coherent")
-
-
-def strategy_passes(strategy: str, placement) -> list[str]:
-    if strategy not in STRATEGIES:
-        raise TokoptError(f"unknown expert-parallel strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    passes = ["expert_placement"] if placement is not None else []
-    passes.append("expert_parallel")
-    if strategy == "context_coherent":
-        passes.append("fuse_alltoall")
-    return passes
-
-
-def build_rank_program(model, rank: int, world: int, strategy: str, placement=None):
-    """The step program of ``model`` for one rank, with the strategy's passes applied; returns (gm, reports)."""
-    from tokopt.pass_manager import run_passes
-    from tokopt.runtime.distributed.program import capture_program, check_moe
-
-    check_moe(model)
-    gm = capture_program(model)
-    gm.meta["ep"].update(world=world, rank=rank, placement=None if placement is None else np.asarray(placement))
-    gm.meta["tokopt"] = {"history": [], "output_names": []}
-    return run_passes(gm, strategy_passes(strategy, placement))
-
-
-def full_expert_weights(model) -> list:
-    """The unsharded expert weight parameters of every MoE layer of ``model`` (gate-up and down)."""
-    from tokopt.runtime.distributed.program import is_moe_block
-
-    return [getattr(layer.mlp.experts, name) for layer in model.model.layers if is_moe_block(layer.mlp)
-            for name in ("gate_up_proj", "down_proj")]
-
-
-def drop_full_experts(model) -> None:
-    """Free the unsharded expert weights of this rank's model copy: after the passes, each rank computes with
-    its own shard (copied out), so keeping all experts would forfeit expert parallelism's memory saving."""
-    for weight in full_expert_weights(model):
-        weight.data = torch.empty(0)
-
+from tokopt.runtime.distributed.rank_program import EPEngine, build_rank_program, drop_full_experts, strategy_passes
+from tokopt.runtime.distributed.stats import summarize
 
 def _rank_device(rank: int) -> torch.device:
     """This rank's GPU (``cuda:rank % devices``), made the default so every buffer the runtime makes lives there."""
@@ -76,11 +43,6 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
               backend="gloo"):
     """One rank's whole run (the process group is already initialised); returns its results and counters.
     With NCCL the rank works on its own GPU (``cuda:rank % devices``); results come back on the CPU."""
-    from tokopt.ep_engine import EPEngine
-    from tokopt.models import load
-    from tokopt.runtime.distributed.generate import generate_on_rank
-    from tokopt.runtime.distributed.program import StepContext
-
     if isinstance(model, EPEngine):  # an exported engine: this rank's program from its own file
         gm, reports = model.rank_program(rank)
         if backend == "nccl":
@@ -109,10 +71,8 @@ def rank_main(rank, world, model, prompts, strategy, placement, max_new_tokens, 
     if keep_logits:
         result["logits"] = [t.cpu() for t in result["logits"]]
     result["reports"] = [r.to_dict() for r in reports]
-    from tokopt.runtime.distributed.program import alltoalls_per_layer
-
     result["alltoalls_per_layer"] = alltoalls_per_layer(gm)
-    result["moe_layers"] = gm.meta["ep"]["moe_layers"]
+    result["moe_layers"] = ep_meta(gm).moe_layers
     return result
 
 
@@ -135,22 +95,24 @@ class EPResult:
     def summary(self) -> dict:
         """Per MoE layer: tokens crossing ranks, bytes (max and mean per rank), collectives; K/V traffic;
         measured cross-rank fraction; step times."""
-        from tokopt.runtime.distributed.stats import summarize
-
         return summarize(self)
 
 
-def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent", placement=None,
+def ep_generate(model, prompts, *, ranks: int | None = None, strategy: str | None = None, placement=None,
                 max_new_tokens: int = 32, eos_token_id=None, keep_logits: bool = False,
                 timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "gloo") -> EPResult:
     """Greedy-decode ``prompts`` (lists of token ids) with the experts sharded over ``ranks`` processes.
 
     ``model``: a loaded HF MoE model, a name/path ``tokopt.load`` accepts (each rank loads it then), or an
-    ``EPEngine`` (``tokopt.ep_engine``: each rank loads only its own file; its ranks, strategy and placement).
+    ``EPEngine`` (``tokopt.export.ep_engine``: each rank loads only its own file; its ranks, strategy and placement).
     ``placement``: ``[MoE layers, experts]`` rank per expert (``tokopt.place``), default contiguous.
     """
-    from tokopt.ep_engine import EPEngine
-
+    if isinstance(model, EPEngine):  # its ranks, strategy and placement unless given
+        ranks = model.world if ranks is None else ranks
+        strategy = model.strategy if strategy is None else strategy
+    elif ranks is None:
+        raise TokoptError("ep_generate needs ranks= (the number of processes) for a model")
+    strategy = strategy or "context_coherent"
     strategy_passes(strategy, placement)  # a bad strategy fails before any process starts
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TokoptError("prompts must be a non-empty list of non-empty token id lists")
@@ -161,9 +123,6 @@ def ep_generate(model, prompts, *, ranks: int, strategy: str = "context_coherent
                               f"{' and a placement' if placement is not None else ''}: re-export it with "
                               f"`tokopt export --ep {ranks} --ep-strategy {strategy}` or run it as exported")
     elif not isinstance(model, str):  # what can be checked here fails before any process starts
-        from tokopt.passes.expert_placement import check_placement
-        from tokopt.runtime.distributed.program import check_moe
-
         moe_layers = check_moe(model)
         experts = model.model.layers[moe_layers[0]].mlp.experts.num_experts
         if experts % ranks:

@@ -5,8 +5,10 @@ padded into one batch and run through the same engine call as plain decoding (tr
 position + depth, logits for every node); ``verify`` accepts a path per row; the accepted nodes' K/V are
 moved into contiguous cache slots (``KVCache.compact_tail``) and the rest of the tree's slots die.
 
-The returned ``GenerationResult`` is the plain loop's (HF-shaped sequences, taps from the target's rows of
-the accepted tokens), plus ``stats``: tokens emitted per row per step, from which MAT is computed.
+What is not speculation's own is the plain loop's (``runtime.request``): the request, the prefill, the first
+token, stopping rows on EOS, stop strings or the budget, padding finished rows, and the ``GenerationResult``
+(HF-shaped sequences, taps from the target's rows of the accepted tokens), plus ``stats``: tokens emitted per
+row per step, from which MAT is computed.
 
 Example::
 
@@ -22,12 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokopt.runtime.generate import GenerationResult, StopStrings, decode_one_token, prefill_rows, prompt_inputs
-from tokopt.runtime.masks import step_mask
-from tokopt.runtime.sampling import SamplingParams, gumbel_noise, next_token, process_logits
+from tokopt.errors import TokoptError
+from tokopt.models.masks import step_mask
+from tokopt.runtime.logprobs import entropy
+from tokopt.runtime.request import (Clock, GenerationRequest, GenerationResult, Rows, choose_tokens, complete_tails,
+                                    emit_step, finish, prefill_rows)
+from tokopt.runtime.sampling import SamplingParams, gumbel_noise, process_logits
 from tokopt.runtime.speculative.tree import DraftTree, pack_trees
 from tokopt.runtime.speculative.verify import verify_greedy, verify_sampling
-from tokopt.runtime.token_uncertainty import INPUT_TOKEN_TAPS, chosen_token_stats
+from tokopt.runtime.token_uncertainty import chosen_token_stats
 
 # Dead cache slots (rejected nodes) are dropped in one copy once they are this many and this share of the cache.
 DROP_DEAD_MIN, DROP_DEAD_SHARE = 64, 0.25
@@ -58,164 +63,149 @@ class SpeculativeStats:
                 "draft_s": self.draft_s, "verify_s": self.verify_s, "host_s": self.host_s}
 
 
+def compact(cache, start: int, index, index_valid):
+    """Keep, per row, the tail slots ``index`` (from ``start`` on) in contiguous slots; once enough slots are
+    dead (``DROP_DEAD_MIN``, ``DROP_DEAD_SHARE``), drop them in one copy. Shared with CNTP's trials.
+
+    Example::
+
+        cache = compact(cache, old_length, torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.bool))
+    """
+    cache = cache.compact_tail(start, index, index_valid)
+    if cache.dead_slots() >= max(DROP_DEAD_MIN, DROP_DEAD_SHARE * cache.length):
+        cache = cache.drop_dead()
+    return cache
+
+
 def _entropy_of_rows(out, rows: torch.Tensor) -> list:
     """Per batch row b, the entropy at logits row ``rows[b]``: the graph's tap, else from the logits."""
     batch = torch.arange(rows.shape[0])
     if "entropy" in out.extras:
         return out.extras["entropy"][batch, rows].tolist()
-    from tokopt.uncertainty.logit_stats import entropy
-
     return entropy(out.logits[batch, rows]).tolist()
 
 
-class _Rows:
-    """Per-row emitted tokens, taps and stop state."""
+def _prefill(engine, request: GenerationRequest, drafter):
+    """The prompt's forward, with logits at every position when the drafter learns from them."""
+    n = request.input_ids.shape[1]
+    logit_rows = torch.arange(n) if drafter.wants_prefill_logits else torch.tensor([n - 1])
+    out, cache = prefill_rows(engine, request.input_ids, request.prompt_valid, logit_rows)
+    if drafter.wants_prefill_logits:
+        drafter.observe(request.input_ids, out.logits, request.prompt_valid)
+    return out, cache
 
-    def __init__(self, batch, max_new_tokens, eos, stopper):
-        self.tokens = [[] for _ in range(batch)]
-        self.taps = [dict() for _ in range(batch)]
-        self.finished = [False] * batch
-        self.max_new = max_new_tokens
-        self.eos = eos
-        self.stopper = stopper
 
-    def emit(self, b, tokens, taps: dict) -> int:
-        """Append ``tokens`` to row b until it stops; return how many were taken."""
-        taken = 0
-        for j, tok in enumerate(tokens):
-            self.tokens[b].append(tok)
-            for name, values in taps.items():
-                self.taps[b].setdefault(name, []).append(values[j])
-            taken += 1
-            if tok in self.eos or len(self.tokens[b]) >= self.max_new or (
-                    self.stopper.strings and self.stopper.hit(self.tokens[b])):
-                self.finished[b] = True
-                break
-        return taken
+def _verify(tree, logits, tree_positions, b: int, sampling: SamplingParams, generator):
+    """Row b's verdict on its ``tree`` from the target's ``logits`` ``[width, V]`` at its nodes."""
+    if sampling.do_sample and sampling.gumbel_seed is not None:
+        # Gumbel-max sampling is argmax of processed logits + keyed noise: verify it like greedy, and the tokens
+        # are exactly those of plain decoding with the same seed
+        size = tree.size
+        noise = gumbel_noise(sampling, [b] * size, (tree_positions[:size] + 1).tolist(), logits.shape[-1])
+        return verify_greedy(tree, process_logits(logits[:size], sampling) + noise)
+    if sampling.do_sample:
+        return verify_sampling(tree, logits, sampling, generator)
+    return verify_greedy(tree, logits)
+
+
+def _accept(request: GenerationRequest, rows: Rows, trees, verdicts, out, positions, stats):
+    """Emit every verified row's accepted path (taps from its verify rows); advance its position; return the
+    cache slots to keep (``[B, longest path]`` index into the tree's slots, and their validity)."""
+    keep = max(len(v.path) if v else 1 for v in verdicts)
+    index = torch.zeros(len(verdicts), keep, dtype=torch.long)
+    index_valid = torch.zeros(len(verdicts), keep, dtype=torch.bool)
+    for b, verdict in enumerate(verdicts):
+        if verdict is None:
+            continue
+        path = verdict.path
+        emitted = trees[b].path_tokens(path[1:]) + [verdict.next_token]
+        taps = {name: value[b, path] for name, value in out.extras.items()}
+        if request.token_stats:  # from the target's verify rows on the accepted path, never from a draft
+            taps.update(chosen_token_stats(out.logits[b, path], torch.tensor(emitted), request.sampling))
+        taken = rows.emit(b, emitted, taps)
+        if taken < len(path):  # row path[j] has emitted[j - 1] as input; the bonus token is input to no row yet
+            rows.set_tail(b, out.extras, path[taken])
+        stats.accepted[b].append(taken)
+        index[b, : len(path)] = torch.tensor(path)
+        index_valid[b, : len(path)] = True
+        positions[b] += len(path)
+    return index, index_valid
+
+
+def _speculate(engine, cache, drafter, request: GenerationRequest, rows: Rows, prompts, positions, generator,
+               stats: SpeculativeStats):
+    """One step: draft a tree per live row, verify every tree in one target forward, emit the accepted paths,
+    compact the cache to them; return the cache."""
+    t0 = time.perf_counter()
+    trees = drafter.draft([prompts[b] + rows.tokens[b] for b in range(request.batch)])
+    trees = [DraftTree.root_only(request.pad_token_id) if rows.finished[b] else tree for b, tree in enumerate(trees)]
+    t1 = time.perf_counter()
+    packed = pack_trees(trees, positions)
+    width = packed.tokens.shape[1]
+    mask = step_mask(cache.valid, packed.structure, packed.valid, dtype=engine.spec.torch_dtype)
+    out = engine(packed.tokens, packed.positions, mask, torch.arange(width), cache.tensors)
+    t2 = time.perf_counter()
+    old_length = cache.length
+    cache = cache.extend(out.present, packed.valid)
+    drafter.observe(packed.tokens, out.logits, packed.valid)
+    verdicts = [None if rows.finished[b] else
+                _verify(trees[b], out.logits[b], packed.positions[b], b, request.sampling, generator)
+                for b in range(request.batch)]
+    index, index_valid = _accept(request, rows, trees, verdicts, out, positions, stats)
+    if drafter.wants_root_entropy:  # the row that chose each next root: the accepted path's last node
+        drafter.root_entropy(_entropy_of_rows(out, torch.tensor([v.path[-1] if v else 0 for v in verdicts])))
+    cache = compact(cache, old_length, index, index_valid)
+    drafter.feedback(trees, verdicts)
+    stats.tree_sizes.append(width)
+    stats.draft_s += t1 - t0
+    stats.verify_s += t2 - t1
+    stats.host_s += time.perf_counter() - t2
+    return cache
+
+
+def speculative_decode(engine, request: GenerationRequest, drafter) -> GenerationResult:
+    """Decode ``request`` with ``drafter``'s trees, losslessly (see module docstring); ``result.stats`` holds
+    MAT. A request with interventions is plain decoding's (``runtime.generate.decode``).
+
+    Example::
+
+        request = GenerationRequest.create(ids, mask, spec=engine.spec, max_new_tokens=64)
+        result = speculative_decode(engine, request, PromptLookup())
+    """
+    if request.interventions:
+        raise TokoptError("speculative decoding does not force tokens; run a request with interventions through "
+                          "runtime.generate.decode")
+    clock = Clock()
+    prompts = request.prompts()
+    generator = request.sampling.generator()
+    drafter.start(prompts, request.sampling)
+    out, cache = _prefill(engine, request, drafter)
+    rows = Rows(request, out.extras)
+    positions = request.prompt_lengths()
+    emit_step(request, rows, out, choose_tokens(request, rows, out.logits[:, -1], generator, positions))
+    clock.prefilled()
+    if drafter.wants_root_entropy:
+        drafter.root_entropy(_entropy_of_rows(out, torch.full((request.batch,), out.logits.shape[1] - 1)))
+    stats = SpeculativeStats(accepted=[[] for _ in range(request.batch)])
+    while not rows.done:
+        cache = _speculate(engine, cache, drafter, request, rows, prompts, positions, generator, stats)
+    forwards = 1 + stats.steps + complete_tails(engine, cache, rows, positions)
+    return finish(request, rows, clock, forwards, stats=stats)
 
 
 def speculative_generate(engine, input_ids, attention_mask=None, *, drafter, max_new_tokens=64,
                          sampling=SamplingParams(), eos_token_ids=(), pad_token_id=None, stop_strings=(),
                          tokenizer=None, token_stats: bool = False) -> GenerationResult:
-    """Generate with ``drafter``'s trees, losslessly (see module docstring); ``result.stats`` holds MAT."""
-    input_ids, prompt_valid = prompt_inputs(input_ids, attention_mask, max_new_tokens, engine.spec.max_positions)
-    eos = set(int(e) for e in eos_token_ids)
-    pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-    generator = sampling.generator()
-    batch = input_ids.shape[0]
-    rows = _Rows(batch, max_new_tokens, eos, StopStrings(stop_strings, tokenizer))
-    prompts = [input_ids[b][prompt_valid[b]].tolist() for b in range(batch)]
-    stats = SpeculativeStats(accepted=[[] for _ in range(batch)])
-    dtype = engine.spec.torch_dtype
+    """Generate with ``drafter``'s trees, losslessly; the arguments are ``runtime.generate.generate``'s (see
+    ``GenerationRequest.create``), and the tokens are plain decoding's. ``result.stats`` holds MAT.
 
-    start = time.perf_counter()
-    drafter.start(prompts, sampling)
-    n = input_ids.shape[1]
-    logit_rows = torch.arange(n) if drafter.wants_prefill_logits else torch.tensor([n - 1])
-    out, cache = prefill_rows(engine, input_ids, prompt_valid, logit_rows)
-    if drafter.wants_prefill_logits:
-        drafter.observe(input_ids, out.logits, prompt_valid)
-    first = next_token(out.logits[:, -1], sampling, generator, positions=prompt_valid.sum(-1)).tolist()
-    first_stats = chosen_token_stats(out.logits[:, -1], torch.tensor(first), sampling) if token_stats else {}
-    for b in range(batch):
-        taps = {k: v[b, -1:].tolist() for k, v in out.extras.items()}
-        rows.emit(b, [first[b]], {**taps, **{k: v[b: b + 1].tolist() for k, v in first_stats.items()}})
-    prefill_s = time.perf_counter() - start
-    positions = prompt_valid.sum(-1)
+    Example::
 
-    if drafter.wants_root_entropy:
-        drafter.root_entropy(_entropy_of_rows(out, torch.full((batch,), out.logits.shape[1] - 1)))
-    input_taps = [name for name in INPUT_TOKEN_TAPS if name in out.extras]
-    tail = [None] * batch  # per row: input-token taps of its last emitted token, once a verify row computed them
-    while not all(rows.finished):
-        t0 = time.perf_counter()
-        histories = [prompts[b] + rows.tokens[b] for b in range(batch)]
-        trees = drafter.draft(histories)
-        trees = [DraftTree.root_only(pad) if rows.finished[b] else trees[b] for b in range(batch)]
-        t1 = time.perf_counter()
-        packed = pack_trees(trees, positions)
-        width = packed.tokens.shape[1]
-        mask = step_mask(cache.valid, packed.structure, packed.valid, dtype=dtype)
-        out = engine(packed.tokens, packed.positions, mask, torch.arange(width), cache.tensors)
-        t2 = time.perf_counter()
-        old_length = cache.length
-        cache = cache.extend(out.present, packed.valid)
-        drafter.observe(packed.tokens, out.logits, packed.valid)
-        verdicts = [None] * batch
-        for b in range(batch):
-            if rows.finished[b]:
-                continue
-            if sampling.do_sample and sampling.gumbel_seed is not None:
-                # Gumbel-max sampling is argmax of processed logits + keyed noise: verify it like greedy, and
-                # the tokens are exactly those of plain decoding with the same seed
-                size = trees[b].size
-                noise = gumbel_noise(sampling, [b] * size, (packed.positions[b, :size] + 1).tolist(),
-                                     out.logits.shape[-1])
-                verdicts[b] = verify_greedy(trees[b], process_logits(out.logits[b, :size], sampling) + noise)
-            elif sampling.do_sample:
-                verdicts[b] = verify_sampling(trees[b], out.logits[b], sampling, generator)
-            else:
-                verdicts[b] = verify_greedy(trees[b], out.logits[b])
-        keep = max(len(v.path) if v else 1 for v in verdicts)
-        index = torch.zeros(batch, keep, dtype=torch.long)
-        index_valid = torch.zeros(batch, keep, dtype=torch.bool)
-        for b, verdict in enumerate(verdicts):
-            if verdict is None:
-                continue
-            path = verdict.path
-            emitted = trees[b].path_tokens(path[1:]) + [verdict.next_token]
-            tap_rows = {k: v[b, path].tolist() for k, v in out.extras.items()}
-            if token_stats:  # from the target's verify rows on the accepted path, never from a draft
-                chosen = chosen_token_stats(out.logits[b, path], torch.tensor(emitted), sampling)
-                tap_rows.update({k: v.tolist() for k, v in chosen.items()})
-            taken = rows.emit(b, emitted, tap_rows)
-            # row path[j] has emitted[j - 1] as input; the bonus token (j = len(path)) is input to no row yet
-            tail[b] = {k: out.extras[k][b, path[taken]] for k in input_taps} if taken < len(path) else None
-            stats.accepted[b].append(taken)
-            index[b, : len(path)] = torch.tensor(path)
-            index_valid[b, : len(path)] = True
-            positions[b] += len(path)
-        if drafter.wants_root_entropy:  # the row that chose each next root: the accepted path's last node
-            drafter.root_entropy(_entropy_of_rows(out, torch.tensor([v.path[-1] if v else 0 for v in verdicts])))
-        cache = cache.compact_tail(old_length, index, index_valid)
-        if cache.dead_slots() >= max(DROP_DEAD_MIN, DROP_DEAD_SHARE * cache.length):
-            cache = cache.drop_dead()
-        drafter.feedback(trees, verdicts)
-        t3 = time.perf_counter()
-        stats.tree_sizes.append(width)
-        stats.draft_s += t1 - t0
-        stats.verify_s += t2 - t1
-        stats.host_s += t3 - t2
-    forwards = 1 + stats.steps
-    if input_taps:  # rows whose last token is a bonus token: one more forward, feeding it (cache holds the rest)
-        if any(t is None for t in tail):
-            last = torch.tensor([row[-1] for row in rows.tokens])
-            extra, _ = decode_one_token(engine, cache, last, positions)
-            forwards += 1
-            tail = [t if t is not None else {k: extra.extras[k][b, -1] for k in input_taps}
-                    for b, t in enumerate(tail)]
-    decode_s = time.perf_counter() - start - prefill_s
-
-    width = max(len(t) for t in rows.tokens)
-    new = torch.full((batch, width), pad, dtype=torch.long)
-    taps = {}
-    for b in range(batch):
-        new[b, : len(rows.tokens[b])] = torch.tensor(rows.tokens[b], dtype=torch.long)
-        for name, values in rows.taps[b].items():
-            values = torch.tensor(values)  # [tokens, ...]: scalar taps, or per-token vectors (top-k ids/logprobs)
-            if name not in taps:  # rows shorter than the longest are padded: NaN, or -1 for integer taps
-                fill = float("nan") if values.dtype.is_floating_point else -1
-                taps[name] = torch.full((batch, width, *values.shape[1:]), fill, dtype=values.dtype)
-            taps[name][b, : len(values)] = values
-    return GenerationResult(
-        sequences=torch.cat([input_ids, new], dim=1),
-        num_prompt_tokens=input_ids.shape[1],
-        new_tokens=new,
-        taps=taps,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        forwards=forwards,
-        generated_counts=torch.tensor([len(t) for t in rows.tokens]),
-        stats=stats,
-        tail_taps={k: torch.stack([t[k] for t in tail]) for k in input_taps},
-    )
+        result = speculative_generate(engine, ids, mask, drafter=PromptLookup(), max_new_tokens=64,
+                                      eos_token_ids=[2])
+        result.stats.mat
+    """
+    return speculative_decode(engine, GenerationRequest.create(
+        input_ids, attention_mask, spec=engine.spec, max_new_tokens=max_new_tokens, sampling=sampling,
+        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
+        token_stats=token_stats), drafter)

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
+from tokopt.machine import machine_id
+from tokopt.paths import cache_path
 from tokopt.progress import progress_step
-from tokopt.runtime.kv_cache import KVCache
-from tokopt.runtime.masks import causal_structure, step_mask
+from tokopt.models.kv_cache import KVCache
+from tokopt.models.masks import causal_structure, step_mask
 
 
 @dataclass
@@ -62,22 +64,6 @@ class LatencyProfile:
         return cls({int(k): float(v) for k, v in d["seconds"].items()}, d["past"], d["machine"], d["engine"])
 
 
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``'s model name where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_id() -> str:
-    """CPU model, cores and torch threads (what decides CPU forward latency), plus a CUDA device if used."""
-    cpu = cpu_name()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return f"{cpu} x{os.cpu_count()} threads={torch.get_num_threads()} {gpu}"
 
 
 def measure_latency(engine, sizes, past: int = 256, repeats: int = 5, warmup: int = 1) -> dict:
@@ -105,17 +91,13 @@ def measure_latency(engine, sizes, past: int = 256, repeats: int = 5, warmup: in
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TOKOPT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "tokopt") / "latency"
-
 
 def latency_profile(engine, model_key: str, max_nodes: int = 32, past: int = 256, repeats: int = 5,
                     refresh: bool = False) -> LatencyProfile:
     """The cached profile for this machine, model and engine, measured (with progress) when missing."""
     machine = machine_id()
     key = hashlib.sha1(f"{machine}|{model_key}|{engine.name}|{max_nodes}|{past}".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"{key}.json"
+    path = cache_path("latency", f"{key}.json")
     if path.is_file() and not refresh:
         return LatencyProfile.from_dict(json.loads(path.read_text()))
     sizes = sorted(set(list(range(1, min(max_nodes, 16) + 1)) + list(range(16, max_nodes + 1, 4)) + [max_nodes]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokopt.kernels import accept as K
-from tokopt.kernels.cuda_check import planted_logits, random_draft_tree
+from tokopt.bench.cuda_check import planted_logits, random_draft_tree
 from tokopt.runtime.speculative.tree import DraftTree
 
 CASES = [(1, "chain"), (2, "chain"), (8, "chain"), (8, "wide"), (20, "wide"), (5, "random"), (30, "random")]

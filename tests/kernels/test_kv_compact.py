@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokopt.kernels import kv_compact as K
-from tokopt.kernels.cuda_check import random_paths, same_compaction
+from tokopt.bench.cuda_check import random_paths, same_compaction
 
 
 def _tensors(rng, batch, length, dtype=np.float32):

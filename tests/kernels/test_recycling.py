@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokopt.kernels import recycling as K
-from tokopt.kernels.cuda_check import random_adjacency, random_template
+from tokopt.bench.cuda_check import random_adjacency, random_template
 
 
 SHAPES = [(1, 1, 1), (8, 1, 12), (8, 2, 5), (3, 3, 1)]  # (k, batch, nodes); tokens distinct, so B * N <= V

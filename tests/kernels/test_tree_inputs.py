@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokopt.kernels import tree_inputs as K
-from tokopt.kernels.cuda_check import random_tree_batch
+from tokopt.bench.cuda_check import random_tree_batch
 
 SIZES = [[1], [2], [7], [1, 1], [1, 5, 12, 3], [16, 16, 2], [32]]
 

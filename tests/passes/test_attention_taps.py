@@ -6,20 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokopt.capture import capture
-from tokopt.pass_manager import run_passes
+from tokopt.models.capture import capture
+from tokopt.passes.manager import run_passes
 from tokopt.passes.attention_taps import OUTPUT
 from tokopt.runtime.eager_engine import EagerEngine
 from tokopt.runtime.generate import decode_one_token, prefill_rows
-from tokopt.runtime.kv_cache import KVCache
-from tokopt.runtime.masks import step_mask, tree_structure
+from tokopt.models.kv_cache import KVCache
+from tokopt.models.masks import step_mask, tree_structure
 from tokopt.uncertainty.sequence_scores import rauq_layers
+from tokopt.models.graph_meta import graph_meta
 
 
 def tapped_engine(model):
     gm, reports = run_passes(capture(model), ["attention_taps"])
-    meta = gm.meta["tokopt"]
-    return EagerEngine(gm, meta["spec"], meta["output_names"]), reports[0], meta
+    meta = graph_meta(gm)
+    return EagerEngine(gm, meta.spec, meta.output_names), reports[0], meta
 
 
 def eager_attentions(model, ids, valid=None):
@@ -45,7 +46,7 @@ def test_prompt_rows_equal_eager_attention(tiny_model, family):
     model = tiny_model(family, num_hidden_layers=6)
     engine, report, meta = tapped_engine(model)
     layers = rauq_layers(6)
-    assert report.changed and meta["attention_tap_layers"] == layers
+    assert report.changed and meta.attention_tap_layers == layers
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     valid = torch.ones_like(ids, dtype=torch.bool)
@@ -98,7 +99,7 @@ def test_tree_node_sees_its_parent_not_its_left_neighbour(llama3):
 def test_logits_and_cache_bit_identical(tiny_model):
     model = tiny_model("qwen2", num_hidden_layers=3)
     plain = capture(model)
-    spec = plain.meta["tokopt"]["spec"]
+    spec = graph_meta(plain).spec
     engine, _, _ = tapped_engine(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     valid = torch.ones_like(ids, dtype=torch.bool)
@@ -131,7 +132,7 @@ def test_cache_of_unused_kv(llama3):
 
 def test_prev_attention_survives_onnx_export(tiny_model, tmp_path):
     import tokopt
-    from tokopt.engine_dir import export_engine
+    from tokopt.export.engine_dir import export_engine
 
     opt = tokopt.optimize(tiny_model("llama", num_hidden_layers=3, vocab_size=256), uncertainty=True)
     ids = torch.tensor([[5, 9, 17, 3, 8, 8, 2]])

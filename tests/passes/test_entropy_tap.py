@@ -6,18 +6,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tokopt.capture import capture, example_inputs
-from tokopt.pass_manager import run_passes
+from tokopt.models.capture import capture, example_inputs
+from tokopt.passes.manager import run_passes
 from tokopt.passes.entropy_tap import TAP_OUTPUTS, entropy_tap
+from tokopt.models.graph_meta import graph_meta, GraphMeta, set_graph_meta
+from tokopt.models.decoder_graph import GraphSpec
 
 
 @pytest.fixture(scope="module")
 def tapped(real_model):
     """Capture the real model, run it on random inputs, apply the pass, run it again on the same inputs."""
     gm = capture(real_model)
-    meta = gm.meta["tokopt"]
-    spec = meta["spec"]
-    names_before = list(meta["output_names"])
+    meta = graph_meta(gm)
+    spec = meta.spec
+    names_before = list(meta.output_names)
     torch.manual_seed(0)
     inputs = [example_inputs(spec), example_inputs(spec, batch=1, n_new=1, past=6)]
     with torch.inference_mode():
@@ -38,7 +40,7 @@ def test_logits_and_cache_are_bit_identical(tapped):
 
 
 def test_output_names_gain_the_taps(tapped):
-    names = tapped.gm.meta["tokopt"]["output_names"]
+    names = graph_meta(tapped.gm).output_names
     assert names == tapped.names_before + list(TAP_OUTPUTS)
     assert names[-2:] == ["entropy", "max_logprob"]
 
@@ -65,7 +67,7 @@ def test_report_says_matched_and_changed(tapped):
     r = tapped.report
     assert (r.name, r.matched, r.changed, r.why_not) == ("entropy_tap", 1, True, "")
     assert "entropy" in r.detail and "max_logprob" in r.detail
-    history = tapped.gm.meta["tokopt"]["history"]
+    history = graph_meta(tapped.gm).history
     assert [h["name"] for h in history] == ["entropy_tap"]
 
 
@@ -77,12 +79,12 @@ def test_graph_lints(tapped):
 
 def test_second_run_reports_already_tapped(tapped):
     gm = tapped.gm
-    n_outputs = len(gm.meta["tokopt"]["output_names"])
+    n_outputs = len(graph_meta(gm).output_names)
     code = gm.code
     gm, report = entropy_tap(gm)
     assert report.matched == 1 and report.changed is False
     assert "already tapped" in report.detail
-    assert len(gm.meta["tokopt"]["output_names"]) == n_outputs
+    assert len(graph_meta(gm).output_names) == n_outputs
     assert gm.code == code
     with torch.inference_mode():
         again = gm(*tapped.inputs[0])
@@ -105,7 +107,7 @@ class _Head(torch.nn.Module):
 def toy_graph(output_names):
     torch.manual_seed(0)
     gm = torch.fx.symbolic_trace(_Head())
-    gm.meta["tokopt"] = {"output_names": list(output_names), "history": []}
+    set_graph_meta(gm, GraphMeta(GraphSpec(0, 1, 4, 6, 16, "toy"), list(output_names)))
     return gm
 
 
@@ -115,7 +117,7 @@ def test_graph_without_logits_output_is_left_alone():
     gm, report = entropy_tap(gm)
     assert report.matched == 0 and report.changed is False
     assert report.why_not and "logits" in report.why_not
-    assert gm.code == code and gm.meta["tokopt"]["output_names"] == ["hidden", "other"]
+    assert gm.code == code and graph_meta(gm).output_names == ["hidden", "other"]
 
 
 def test_taps_the_output_named_logits_wherever_it_is():

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.capture import capture, example_inputs
-from tokopt.pass_manager import run_passes
+from tokopt.models.capture import capture, example_inputs
+from tokopt.passes.manager import run_passes
 from tokopt.passes.logit_taps import TAP_OUTPUTS, TOP_K
+from tokopt.models.graph_meta import graph_meta
 
 PASSES = ("remove_noop_casts", "logit_taps")
 
@@ -31,14 +32,14 @@ def reference(logits: torch.Tensor) -> dict:
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
 def test_logits_bit_identical_and_taps_equal_float64(tiny_model, family):
     gm = capture(tiny_model(family, vocab_size=256))
-    spec = gm.meta["tokopt"]["spec"]
+    spec = graph_meta(gm).spec
     torch.manual_seed(0)
     inputs = [example_inputs(spec), example_inputs(spec, batch=1, n_new=1, past=5)]
     with torch.inference_mode():
         before = [gm(*x) for x in inputs]
     gm, reports = run_passes(gm, ["logit_taps"])
     assert reports[0].changed and "top-20" in reports[0].detail
-    names = gm.meta["tokopt"]["output_names"]
+    names = graph_meta(gm).output_names
     assert names[-len(TAP_OUTPUTS):] == list(TAP_OUTPUTS)
     with torch.inference_mode():
         after = [gm(*x) for x in inputs]
@@ -56,7 +57,7 @@ def test_logits_bit_identical_and_taps_equal_float64(tiny_model, family):
 
 def test_reuses_entropy_tap_outputs(tiny_model):
     gm, reports = run_passes(capture(tiny_model("llama")), ["entropy_tap", "logit_taps"])
-    names = gm.meta["tokopt"]["output_names"]
+    names = graph_meta(gm).output_names
     assert names.count("entropy") == 1 and names.count("max_logprob") == 1
     assert set(TAP_OUTPUTS) <= set(names)
     assert "+outputs lse" in reports[1].detail
@@ -66,7 +67,7 @@ def test_reuses_entropy_tap_outputs(tiny_model):
 
 def test_why_not_without_logits(tiny_model):
     gm = capture(tiny_model("llama"))
-    gm.meta["tokopt"]["output_names"] = ["scores", *gm.meta["tokopt"]["output_names"][1:]]
+    graph_meta(gm).output_names = ["scores", *graph_meta(gm).output_names[1:]]
     _, reports = run_passes(gm, ["logit_taps"])
     assert reports[0].matched == 0 and "named 'logits'" in reports[0].why_not
 
@@ -109,7 +110,7 @@ def test_taps_under_speculation_equal_plain_decoding(tapped_opt, method):
 
 
 def test_taps_survive_onnx_export(tapped_opt, tmp_path):
-    from tokopt.engine_dir import export_engine
+    from tokopt.export.engine_dir import export_engine
 
     ids = torch.tensor([[5, 9, 17, 3, 8, 8, 2]])
     eager_out = tapped_opt.generate(ids, max_new_tokens=5)
@@ -128,7 +129,7 @@ def test_taps_survive_onnx_export(tapped_opt, tmp_path):
 
 
 def test_engine_without_taps_refuses_uncertainty(tiny_model, tmp_path):
-    from tokopt.engine_dir import export_engine
+    from tokopt.export.engine_dir import export_engine
     from tokopt.errors import EngineError
 
     plain = tokopt.optimize(tiny_model("llama", vocab_size=256), tokopt.OptimizeConfig(passes=()))

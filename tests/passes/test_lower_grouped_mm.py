@@ -6,9 +6,10 @@ import pytest
 import torch
 import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 
-from tokopt.capture import capture, example_inputs
+from tokopt.models.capture import capture, example_inputs
 from tokopt.passes.lower_grouped_mm import (grouped_mm_dense, grouped_mm_gathered, grouped_mm_lowered,
                                             grouped_mm_nodes, lower_grouped_mm)
+from tokopt.models.graph_meta import graph_meta
 
 OP = torch.ops.transformers.grouped_mm_fallback.default
 
@@ -53,7 +54,7 @@ def test_onnx_runs_both_branches_chosen_by_row_count(tmp_path):
 
 def test_pass_lowers_every_call_of_a_moe_graph(tiny_model):
     gm = capture(tiny_model("mixtral"))
-    spec = gm.meta["tokopt"]["spec"]
+    spec = graph_meta(gm).spec
     args = example_inputs(spec)
     before = gm(*args)
     calls = len(grouped_mm_nodes(gm))

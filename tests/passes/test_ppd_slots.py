@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from tokopt.capture import capture, example_inputs
-from tokopt.pass_manager import run_passes
-from tokopt.runtime.kv_cache import KVCache
-from tokopt.runtime.masks import step_mask
+from tokopt.models.capture import capture, example_inputs
+from tokopt.passes.manager import run_passes
+from tokopt.models.kv_cache import KVCache
+from tokopt.models.masks import step_mask
 from tokopt.runtime.speculative.tree import DraftTree, pack_trees
+from tokopt.models.graph_meta import PPDFacts, graph_meta
+from tokopt.passes.ppd_slots import PPDSlotsConfig
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +19,7 @@ def llama(tiny_model):
 
 def _tapped(model, table):
     gm = capture(model)
-    gm.meta["tokopt"]["ppd_prompt_embeddings"] = table
-    gm, reports = run_passes(gm, ["ppd_slots"])
+    gm, reports = run_passes(gm, [PPDSlotsConfig(embeddings=table)])
     return gm, reports[0]
 
 
@@ -26,9 +27,9 @@ def test_ordinary_ids_bit_identical(llama):
     plain = capture(llama)
     table = torch.randn(3, llama.config.hidden_size)
     gm, report = _tapped(llama, table)
-    assert report.changed and gm.meta["tokopt"]["ppd"] == {"k": 3, "vocab_size": llama.config.vocab_size,
-                                                            "trained": True}
-    args = example_inputs(plain.meta["tokopt"]["spec"], batch=2, n_new=5, past=4)
+    assert report.changed and graph_meta(gm).facts.ppd == PPDFacts(k=3, vocab_size=llama.config.vocab_size,
+                                                                          trained=True)
+    args = example_inputs(graph_meta(plain).spec, batch=2, n_new=5, past=4)
     for a, b in zip(plain(*args), gm(*args)):
         assert torch.equal(a, b)
     _, again = run_passes(gm, ["ppd_slots"])
@@ -40,7 +41,7 @@ def test_prompt_rows_equal_hf_with_inputs_embeds(llama):
     torch.manual_seed(1)
     table = torch.randn(3, hidden) * 0.05
     gm, _ = _tapped(llama, table)
-    spec = gm.meta["tokopt"]["spec"]
+    spec = graph_meta(gm).spec
     text = [5, 17, 3, 99, 42]
     # a tree: text as a chain, then prompt tokens 0, 1 after the last text token (a chain: each sees the earlier)
     tree = DraftTree.from_parents(text + [vocab, vocab + 1], [-1, 0, 1, 2, 3, 4, 5])

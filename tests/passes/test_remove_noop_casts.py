@@ -2,7 +2,7 @@
 
 import torch
 
-from tokopt.capture import example_inputs
+from tokopt.models.capture import example_inputs
 from tokopt.passes.remove_noop_casts import remove_noop_casts
 
 

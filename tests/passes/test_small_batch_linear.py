@@ -4,10 +4,11 @@ on tiny models of several families and on the real model's captured graph; nothi
 import pytest
 import torch
 
-from tokopt.capture import capture
+from tokopt.models.capture import capture
 from tokopt.passes.small_batch_linear import small_batch_linear
-from tokopt.runtime.kv_cache import KVCache
-from tokopt.runtime.masks import causal_structure, step_mask
+from tokopt.models.kv_cache import KVCache
+from tokopt.models.masks import causal_structure, step_mask
+from tokopt.models.graph_meta import graph_meta
 
 
 def _run(gm, spec, n=5, past=1, seed=0):
@@ -24,7 +25,7 @@ def test_rewrites_every_linear_and_keeps_outputs(tiny_model, family):
     model = tiny_model(family)
     reference = capture(model)
     gm = capture(model)
-    spec = gm.meta["tokopt"]["spec"]
+    spec = graph_meta(gm).spec
     linears = sum(1 for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default)
     gm, report = small_batch_linear(gm)
     assert report.changed and report.matched == linears > 0

@@ -10,7 +10,7 @@ from tokopt.errors import TokoptError
 from tokopt.runtime.cautious import (CautiousStats, cautious_generate, num_trials, punctuation_token_ids,
                                      run_trials)
 from tokopt.runtime.generate import decode_one_token, generate, prefill
-from tokopt.runtime.kv_cache import KVCache
+from tokopt.models.kv_cache import KVCache
 from tokopt.runtime.sampling import SamplingParams, process_logits
 
 PROMPT = "The weather today is"
@@ -171,7 +171,6 @@ def test_errors(opt, ids):
 
 def test_optimized_model_generate_cautious(opt, ids, tokenizer, cautious_runs):
     """``opt.generate_cautious`` runs the same loop (same seed, same settings: same tokens)."""
-    opt.tokenizer = tokenizer
     out = opt.generate_cautious(ids, max_new_tokens=8, n_max=3, max_trial_tokens=3, temperature=1.3, top_k=50,
                                 seed=5, eos_token_id=[])
     assert torch.equal(out, cautious_runs[0].sequences)

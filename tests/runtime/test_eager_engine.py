@@ -2,10 +2,10 @@
 
 import torch
 
-from tokopt.runtime.decoder_graph import DecoderGraph
+from tokopt.models.decoder_graph import DecoderGraph
 from tokopt.runtime.eager_engine import EagerEngine
-from tokopt.runtime.kv_cache import KVCache
-from tokopt.runtime.masks import causal_structure, step_mask
+from tokopt.models.kv_cache import KVCache
+from tokopt.models.masks import causal_structure, step_mask
 
 
 def _step_inputs(spec):

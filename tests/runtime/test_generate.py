@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tokopt.errors import PromptError, TokoptError
-from tokopt.optimized_model import GenerationDefaults, OptimizedModel
-from tokopt.runtime.decoder_graph import DecoderGraph
+from tokopt.api.optimized_model import GenerationDefaults, OptimizedModel
+from tokopt.models.decoder_graph import DecoderGraph
 from tokopt.runtime.eager_engine import EagerEngine
 from tokopt.runtime.generate import check_prompt, generate
 from tokopt.runtime.prompts import encode_prompts, left_pad

@@ -1,5 +1,6 @@
-"""Mixture-of-Experts tooling: routing traces and affinity, expert placement, the expert-parallel cost model
-and planner, and a small MoE with learned routing (SmolLM2 made sparse).
+"""Mixture-of-Experts planning (layer: above export, beside the uncertainty estimators, below the API): routing
+traces and affinity, expert placement, the expert-parallel cost model and planner. (smollm2-moe, SmolLM2 made
+sparse, is a model: ``tokopt.models.moefy``.)
 
 Example::
 

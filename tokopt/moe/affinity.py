@@ -110,32 +110,3 @@ def mutual_information(trace, seed: int = 0) -> dict:
         mi.append(mi_bits(t1[:, l], t1[:, l + 1], trace.num_experts))
         sh.append(mi_bits(t1[:, l], rng.permutation(t1[:, l + 1]), trace.num_experts))
     return {"mi_bits": mi, "shuffled_bits": sh, "excess_bits": [a - b for a, b in zip(mi, sh)]}
-
-
-def stability(trace_a, trace_b, *, gpus: int | None = None, top1: bool = True, smoothing: float = 0.0) -> dict:
-    """How alike the affinities estimated from two traces are.
-
-    ``tv``: mean total-variation distance between affinity rows of a and b, weighted by b's load of each row
-    (0 = identical, 1 = disjoint). With ``gpus``: the cross-GPU fraction on b of a placement fitted on a
-    (``cross_a_on_b``) vs fitted on b itself (``cross_b_on_b``) and contiguous.
-
-    Example::
-
-        stability(trace.subset(slice(0, 1000)), trace.subset(slice(1000, None)), gpus=4)
-    """
-    Ca, Cb = transition_counts(trace_a, top1), transition_counts(trace_b, top1)
-    Aa, Ab = affinity(Ca, smoothing), affinity(Cb, smoothing)
-    rows = Cb.sum(axis=-1)
-    tv = 0.5 * np.abs(Aa - Ab).sum(axis=-1)
-    out = {"tv": float((tv * rows).sum() / max(rows.sum(), 1e-12)),
-           "tv_per_layer": [float((tv[l] * rows[l]).sum() / max(rows[l].sum(), 1e-12)) for l in range(len(tv))]}
-    if gpus is not None:
-        from tokopt.moe.placement import contiguous_placement, cross_fraction, place
-
-        pa = place(trace_a, gpus, smoothing=smoothing, top1=top1)
-        pb = place(trace_b, gpus, smoothing=smoothing, top1=top1)
-        out["cross_a_on_b"] = cross_fraction(pa.assignment, trace_b, top1=top1)
-        out["cross_b_on_b"] = cross_fraction(pb.assignment, trace_b, top1=top1)
-        out["cross_contiguous"] = cross_fraction(
-            contiguous_placement(trace_b.num_layers, trace_b.num_experts, gpus), trace_b, top1=top1)
-    return out

@@ -7,7 +7,6 @@ bytes that cross nodes, and the two are added (sequential phases, as DeepSpeed's
 
 Per MoE layer, with ``f`` = cross fraction (tokens whose destination rank differs from the rank they are on) and
 ``s`` = split fraction (mean number of further ranks per token that host one of its top-k experts):
-
 * ``two_alltoall``: dispatch ``(f + s) d`` elements per token, combine the same back home, plus a tiny
   Alltoall of split counts.
 * ``context_coherent``: one Alltoall of ``f d`` (the token moves), a partial exchange ``s d`` out and ``s d``
@@ -38,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from tokopt.errors import TokoptError
+from tokopt.machine import cpu_name
+from tokopt.paths import cache_dir
 
 STRATEGIES = ("two_alltoall", "context_coherent")
 PHASES = ("decode", "prefill")
@@ -151,7 +152,6 @@ def measure_alltoall(world_size: int = 4, sizes=DEFAULT_SIZES, repeats: int = 5,
         r = measure_alltoall(2, sizes=(4096, 1 << 20), repeats=3)
         AlphaBeta(**r["fit"]).time(1 << 20)
     """
-    from tokopt.runtime.distributed.launch import run_ranks
 
     kinds = ("all_to_all", "all_gather") if all_gather else ("all_to_all",)
     sizes = tuple(int(s) for s in sizes)
@@ -159,6 +159,8 @@ def measure_alltoall(world_size: int = 4, sizes=DEFAULT_SIZES, repeats: int = 5,
         print(f"tokopt: gloo sweep over {world_size} ranks, {len(sizes)} sizes x {repeats} repeats "
               f"({', '.join(_fmt_bytes(s) for s in sizes)}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    from tokopt.runtime.distributed.launch import run_ranks  # torch: only the measured sweep needs it
+
     per_rank = run_ranks(_sweep_rank, world_size, sizes, repeats, kinds, timeout_s=timeout_s, threads_per_rank=1)
     result = {"world_size": world_size, "backend": "gloo", "repeats": repeats, "machine": machine_name()}
     share = (world_size - 1) / world_size
@@ -180,14 +182,10 @@ def machine_name() -> str:
     """CPU model and core count (what gloo over loopback depends on)."""
     import os
 
-    from tokopt.runtime.speculative.tree_size import cpu_name
-
     return f"{cpu_name()} x{os.cpu_count()}"
 
 
 def _cache_path(world_size: int) -> Path:
-    from tokopt.models import cache_dir
-
     slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_name()).strip("-").lower()
     return cache_dir() / "cost_model" / f"gloo_{slug}_w{world_size}.json"
 

@@ -2,7 +2,6 @@
 
 A placement is ``assignment[L, E]`` (int64 GPU ids). Its cross-GPU fraction on a trace is the fraction of
 (token, layer l -> l+1) transitions whose experts sit on different GPUs. Two variants:
-
 - ``top1=True``: the top-1 expert at l and at l+1 (the one-Alltoall runtime moves a token to its top-1 expert);
 - ``top1=False``: all k x k expert pairs of a token, weighted by normalized gate weight products.
 
@@ -29,6 +28,10 @@ import numpy as np
 from tokopt.errors import TokoptError
 from tokopt.moe.affinity import affinity, expert_load, transition_counts
 from tokopt.moe.traces import RoutingTrace, load_trace
+from tokopt.moe.place_graph import solve_graph
+from tokopt.moe.place_heuristic import rebalance_load, solve_heuristic
+from tokopt.moe.place_ilp import solve_ilp
+from tokopt.moe.replicas import add_replicas
 
 METHODS = ("heuristic", "ilp", "graph")
 
@@ -237,20 +240,14 @@ def _validate(trace, gpus, nodes, method, replicas, balance):
 
 
 def _solve(method, C, gpus, cap, load, *, balance, time_limit, seed):
-    from tokopt.moe.place_heuristic import rebalance_load, solve_heuristic
-
     info = {}
     if method == "heuristic":
         x = solve_heuristic(C, gpus, cap, seed=seed)
         if balance is not None:
             x = rebalance_load(C, x, load, gpus, balance)
     elif method == "ilp":
-        from tokopt.moe.place_ilp import solve_ilp
-
         x, info = solve_ilp(C, gpus, cap, load=load, balance=balance, time_limit=time_limit, seed=seed)
     else:
-        from tokopt.moe.place_graph import solve_graph
-
         x = solve_graph(C, gpus, cap, seed=seed)
         if balance is not None:
             x = rebalance_load(C, x, load, gpus, balance)
@@ -330,7 +327,32 @@ def place(trace_or_experts, gpus: int, *, nodes: int = 1, method: str = "heurist
         info.update(node_cross_fractions(C1, x, gpus, nodes))
     p = Placement(x, gpus, nodes, method, 1 - kept_fraction(C, x), solve_s, None, info)
     if replicas:
-        from tokopt.moe.replicas import add_replicas
-
         p = add_replicas(p, load, replicas)
     return p
+
+
+def stability(trace_a, trace_b, *, gpus: int | None = None, top1: bool = True, smoothing: float = 0.0) -> dict:
+    """How alike the affinities estimated from two traces are.
+
+    ``tv``: mean total-variation distance between affinity rows of a and b, weighted by b's load of each row
+    (0 = identical, 1 = disjoint). With ``gpus``: the cross-GPU fraction on b of a placement fitted on a
+    (``cross_a_on_b``) vs fitted on b itself (``cross_b_on_b``) and contiguous.
+
+    Example::
+
+        stability(trace.subset(slice(0, 1000)), trace.subset(slice(1000, None)), gpus=4)
+    """
+    Ca, Cb = transition_counts(trace_a, top1), transition_counts(trace_b, top1)
+    Aa, Ab = affinity(Ca, smoothing), affinity(Cb, smoothing)
+    rows = Cb.sum(axis=-1)
+    tv = 0.5 * np.abs(Aa - Ab).sum(axis=-1)
+    out = {"tv": float((tv * rows).sum() / max(rows.sum(), 1e-12)),
+           "tv_per_layer": [float((tv[l] * rows[l]).sum() / max(rows[l].sum(), 1e-12)) for l in range(len(tv))]}
+    if gpus is not None:
+        pa = place(trace_a, gpus, smoothing=smoothing, top1=top1)
+        pb = place(trace_b, gpus, smoothing=smoothing, top1=top1)
+        out["cross_a_on_b"] = cross_fraction(pa.assignment, trace_b, top1=top1)
+        out["cross_b_on_b"] = cross_fraction(pb.assignment, trace_b, top1=top1)
+        out["cross_contiguous"] = cross_fraction(
+            contiguous_placement(trace_b.num_layers, trace_b.num_experts, gpus), trace_b, top1=top1)
+    return out

@@ -20,6 +20,8 @@ import numpy as np
 from tokopt.errors import TokoptError
 from tokopt.moe.cost_model import (BUILTIN_SHAPES, PHASES, STRATEGIES, MoEShape, StepEstimate, Topology, fmt_bytes,
                                    step_time, uniform_fractions)
+from tokopt.models.loading import ALIASES, ensure_converted, KNOWN_MODELS
+from tokopt.moe.placement import as_trace, contiguous_placement, place, Placement
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,7 +47,6 @@ def load_shape(model_or_config) -> MoEShape:
     name = str(model_or_config)
     if name.lower() in BUILTIN_SHAPES:
         return MoEShape.preset(name.lower())
-    from tokopt.models import ALIASES, KNOWN_MODELS, ensure_converted
 
     known = ALIASES.get(name, name)
     path = ensure_converted(known) if known in KNOWN_MODELS else Path(name)  # tokopt's own models, by name
@@ -172,8 +173,6 @@ class Plan:
 
 
 def _fractions_from_trace(trace, shape: MoEShape, topo: Topology, placement, seed: int = 0) -> dict:
-    from tokopt.moe.placement import Placement, as_trace, contiguous_placement, place
-
     tr = as_trace(trace)
     L, E, n = tr.num_layers, tr.num_experts, topo.gpus
     if E < n:
@@ -224,8 +223,6 @@ def plan(model_or_config, topology="nvlink8", *, trace=None, placement=None, bat
     scenarios = {}  # placement -> strategy -> (cross, split, inter-node share)
     notes = []
     if trace is not None:
-        from tokopt.moe.placement import as_trace
-
         trace = as_trace(trace)
         layers = len(shape.moe_layers)
         if (trace.experts.shape[1], trace.num_experts) != (layers, shape.experts):

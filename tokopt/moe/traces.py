@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tokopt.errors import TokoptError
+from tokopt.progress import progress_bar
 
 ACCEPTED = ("a .npy int array [tokens, layers, top_k]; a .npz with key 'experts' (optional 'weights'); "
             "a folder of per-layer CSVs (layer_id, token_id, expert_0..expert_{E-1}); or a folder of such folders")
@@ -343,3 +344,19 @@ def record_trace(model, input_ids_batches) -> RoutingTrace:
     if not experts:
         raise TokoptError("record_trace got no batches; pass at least one [batch, seq] tensor of input ids")
     return RoutingTrace(np.concatenate(experts), np.concatenate(weights), num_experts, [b[0] for b in blocks])
+
+
+def trace_text(model, tokenizer, text: str, *, tokens: int, chunk: int, progress: bool = True):
+    """The routing trace of ``model`` over the first ``tokens`` tokens of ``text``, run ``chunk`` at a time."""
+    import torch
+
+    if tokens < 1 or chunk < 1:
+        raise TokoptError(f"--tokens and --chunk must be >= 1 (got {tokens}, {chunk})")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0, :tokens]
+    if len(ids) == 0:
+        raise TokoptError("the text has no tokens")
+    parts = []
+    for start in progress_bar(range(0, len(ids), chunk), desc="tracing routing", unit="chunk", disable=not progress):
+        with torch.no_grad():
+            parts.append(record_trace(model, [ids[start: start + chunk][None]]))
+    return concat_traces(parts)

@@ -1,22 +1,23 @@
-"""Uncertainty scoring (design note: uncertainty.md): pure reference functions over the taps' records, the
-estimators that run an auxiliary model or the LM itself (CCP, TokenSAR, UQAC, conditional entropy reduction),
+"""Uncertainty scoring (layer: above export, beside MoE planning, below the API; design note: uncertainty.md):
+pure reference functions over the taps' records, the estimators that run an auxiliary model or the LM itself (CCP, TokenSAR, UQAC, conditional entropy reduction),
 and their evaluation.
 
-- ``logit_stats``: per-row statistics of logits ``[..., V]`` in float64 — ``entropy``, ``max_prob``, ``margin``,
+- ``tokopt.runtime.logprobs`` (re-exported here): per-row statistics of logits ``[..., V]`` in float64 — ``entropy``, ``max_prob``, ``margin``,
   ``topk_logprobs`` (k <= 20), ``self_certainty``, ``chosen_logprob``, ``typicality_deviation``; the processed
   distribution via ``processed_logits`` (HF's temperature / top-k / top-p) and ``typical_mask`` (equals HF's
   ``TypicalLogitsWarper``).
 - ``sequence_scores``: ``max_sequence_probability``, ``perplexity``, ``mean_entropy``, ``token_sar``,
   ``ccp_from_labels`` / ``combine_nli`` / ``claim_ccp`` (on given NLI labels), ``rauq`` / ``rauq_layers``.
 - ``evaluation``: ``prr`` (prediction rejection ratio) and ``roc_auc``, lm-polygraph's conventions.
-- ``counterfactual``: counter-based Gumbel noise ``gumbel`` and ``gumbel_argmax`` for replayable,
+- ``tokopt.runtime.gumbel`` (re-exported here): counter-based Gumbel noise ``gumbel`` and ``gumbel_argmax`` for replayable,
   intervenable sampling.
 """
 
-from tokopt.uncertainty.counterfactual import gumbel, gumbel_argmax
+from tokopt.runtime.gumbel import gumbel, gumbel_argmax
 from tokopt.uncertainty.evaluation import prr, roc_auc
-from tokopt.uncertainty.logit_stats import (chosen_logprob, entropy, margin, max_prob, processed_logits,
-                                            self_certainty, topk_logprobs, typical_mask, typicality_deviation)
+from tokopt.runtime.logprobs import (chosen_logprob, entropy, margin, max_prob, processed_logits, self_certainty,
+                                     topk_logprobs, typicality_deviation)
+from tokopt.runtime.sampling import typical_mask
 from tokopt.uncertainty.sequence_scores import (ccp_from_labels, claim_ccp, combine_nli, max_sequence_probability,
                                                 mean_entropy, perplexity, rauq, rauq_layers, token_sar)
 

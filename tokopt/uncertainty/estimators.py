@@ -32,7 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokopt.errors import TokoptError
-from tokopt.uncertainty import sequence_scores as ss
+import tokopt.uncertainty.sequence_scores as ss
+from tokopt.uncertainty.ccp import sequence_ccp
+from tokopt.uncertainty.relevance import token_sar_score
+from tokopt.uncertainty.uqac import uqac
 
 LOGIT_ESTIMATORS = ("msp", "perplexity", "mean_entropy", "max_entropy", "self_certainty")
 ESTIMATORS = (*LOGIT_ESTIMATORS, "rauq", "ccp", "token_sar", "uqac")
@@ -125,14 +128,11 @@ def score_sequence(records, estimators=DEFAULT_ESTIMATORS, context: ScoringConte
             att = np.array([r["prev_attention"] for r in records], dtype=np.float64)  # [T, layers, heads]
             out[name] = ss.rauq(np.exp(logprobs), att.transpose(1, 2, 0), alpha=rauq_alpha(context))
         elif name == "ccp":
-            from tokopt.uncertainty.ccp import sequence_ccp
             out[name] = sequence_ccp(records, context.tokenizer, context.prompt_text, context.nli,
                                      context.similarity)
         elif name == "token_sar":
-            from tokopt.uncertainty.relevance import token_sar_score
             out[name] = token_sar_score(records, context.tokenizer, context.prompt_text, context.similarity)
         elif name == "uqac":
-            from tokopt.uncertainty.uqac import uqac
             result = uqac(context.model, context.tokenizer, context.prompt_ids, [r["token"] for r in records],
                           answer_span=context.answer_span)
             out[name] = result.uncertainty

@@ -26,8 +26,8 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from importlib import resources
 
+from tokopt.data import capitals_tsv
 from tokopt.errors import TokoptError
 
 KINDS = ("capital", "arithmetic", "cloze")
@@ -94,7 +94,7 @@ def answer_token_span(kind: str, tokenizer, tokens: list) -> tuple[int, int]:
 
 
 def capital_items() -> list[QAItem]:
-    text = resources.files("tokopt").joinpath("data/capitals.tsv").read_text(encoding="utf-8")
+    text = capitals_tsv()
     items = []
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):

@@ -18,6 +18,7 @@ import numpy as np
 
 from tokopt.errors import TokoptError
 from tokopt.uncertainty.sequence_scores import token_sar
+from tokopt.uncertainty.aux_models import load_similarity
 
 
 def token_relevance(prompt_text: str, token_strings, similarity=None) -> np.ndarray:
@@ -43,7 +44,6 @@ def token_relevance(prompt_text: str, token_strings, similarity=None) -> np.ndar
     if bad:
         raise TokoptError(f"token_strings must be strings; item {bad[0]} is {type(tokens[bad[0]]).__name__}")
     if similarity is None:
-        from tokopt.uncertainty.aux_models import load_similarity
         similarity = load_similarity()
     full = prompt_text + "".join(tokens)
     ablated = [prompt_text + "".join(tokens[:i] + tokens[i + 1:]) for i in range(len(tokens))]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tokopt.errors import TokoptError
+from tokopt.passes.attention_taps import rauq_layers
 
 NLI_LABELS = ("entail", "contra", "neutral")
 
@@ -180,19 +181,6 @@ def claim_ccp(token_ccps, is_stopword) -> float:
         raise TokoptError(f"claim_ccp: token CCPs are probabilities in [0, 1], got range "
                           f"[{ccp.min():.6g}, {ccp.max():.6g}]")
     return float(-np.prod(np.where(stop, 1.0, ccp)))
-
-
-def rauq_layers(num_layers: int) -> list[int]:
-    """The middle layers RAUQ reads, ``[L // 3, ceil(2L / 3)]`` inclusive, as in lm-polygraph.
-
-    Example::
-
-        >>> rauq_layers(30)
-        [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
-    """
-    if num_layers < 1:
-        raise TokoptError(f"rauq_layers: num_layers must be >= 1, got {num_layers}")
-    return list(range(num_layers // 3, min(num_layers, math.ceil(num_layers / 3 * 2) + 1)))
 
 
 def rauq(token_probs, prev_attn, alpha: float = 0.2) -> float:

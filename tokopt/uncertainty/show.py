@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import html
 
+from tokopt.uncertainty.estimators import score_sequence
+
 LEVELS = ((1.0, "low", 42, "#c8f0c8"), (2.5, "medium", 178, "#fbe7a1"), (float("inf"), "high", 167, "#f6b3b3"))
 
 
@@ -53,8 +55,6 @@ def summary_line(records, tokenizer=None) -> str:
     line = (f"{len(records)} tokens: mean entropy {sum(ent) / len(ent):.2f} nats, {high:.0%} high-entropy, "
             f"least likely token {_name(worst['token'], tokenizer)} (log p {worst['logprob']:.2f})")
     if "prev_attention" in records[0]:
-        from tokopt.uncertainty.estimators import score_sequence
-
         line += f", RAUQ {score_sequence(records, ('rauq',))['rauq']:.2f}"
     return line
 

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tokopt.data import calibration_text
 from tokopt.errors import TokoptError
-from tokopt.runtime.decoder_graph import DecoderGraph
+from tokopt.models.decoder_graph import DecoderGraph
 from tokopt.runtime.eager_engine import EagerEngine
-from tokopt.runtime.kv_cache import KVCache
-from tokopt.runtime.masks import causal_structure, step_mask
+from tokopt.models.kv_cache import KVCache
+from tokopt.models.masks import causal_structure, step_mask
 from tokopt.runtime.sampling import SamplingParams, process_logits
 from tokopt.runtime.speculative.drafters.base import Drafter
 from tokopt.runtime.speculative.tree import DraftTree
@@ -43,7 +44,6 @@ def self_draft_layers(model, tokenizer=None, skip_share: float = 0.2, calibratio
     target's greedy predictions least (one ablation forward per layer on calibration text; the text shipped
     with tokopt by default). Skipping every other middle layer instead keeps under 5% of SmolLM2-135M's top-1
     predictions; skipping the 20% least needed keeps about 60%."""
-    from tokopt.runtime.kv_cache import KVCache
 
     layers = model.config.num_hidden_layers
     n_skip = int(round(skip_share * layers))
@@ -68,9 +68,7 @@ def self_draft_layers(model, tokenizer=None, skip_share: float = 0.2, calibratio
 
 
 def _calibration_ids(tokenizer, max_tokens: int = 384):
-    from importlib import resources
-
-    text = resources.files("tokopt").joinpath("data/calibration.txt").read_text()
+    text = calibration_text()
     if tokenizer is None:
         raise TokoptError("the self-speculative draft needs the model's tokenizer to calibrate which layers to "
                           "skip; pass SpeculativeConfig(draft_layers=[...]) instead")

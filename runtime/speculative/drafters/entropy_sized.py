@@ -20,17 +20,18 @@ import bisect
 
 from tokopt.errors import TokoptError
 from tokopt.runtime.speculative.acceptance import RankAcceptance, best_tree, expected_tokens
+from tokopt.runtime.speculative.configs import DEFAULT_EDGES
 from tokopt.runtime.speculative.drafters.recycling import RecyclingConfig, TokenRecycling
 from tokopt.runtime.speculative.tree_size import best_size
-
-DEFAULT_EDGES = (0.5, 1.5, 3.0)  # nats: confident, hedging, unsure, lost (chosen a priori, not tuned)
 
 
 class EntropySizedRecycling(TokenRecycling):
     name = "recycling-entropy"
     wants_root_entropy = True
 
-    def __init__(self, vocab_size: int, config: RecyclingConfig = RecyclingConfig(), edges=DEFAULT_EDGES):
+    def __init__(self, vocab_size: int, config: RecyclingConfig = RecyclingConfig(), edges=None):
+        if edges is None:  # a RecyclingEntropyConfig carries its edges
+            edges = getattr(config, "edges", DEFAULT_EDGES)
         edges = tuple(float(e) for e in edges)
         if not edges or list(edges) != sorted(set(edges)) or edges[0] <= 0:
             raise TokoptError(f"entropy bucket edges must be positive and strictly increasing nats, got {edges}")
@@ -38,8 +39,8 @@ class EntropySizedRecycling(TokenRecycling):
         self.edges = edges
         buckets = len(edges) + 1
         self.bucket_stats = [RankAcceptance(config.max_depth, config.k) for _ in range(buckets)]
-        self.bucket_budgets = [config.budget] * buckets
-        self.bucket_templates = [best_tree(s.rates(), config.budget) for s in self.bucket_stats]
+        self.bucket_budgets = [self.config.budget] * buckets  # the resolved budget ("auto": 8 until profiled)
+        self.bucket_templates = [best_tree(s.rates(), self.config.budget) for s in self.bucket_stats]
         self._entropy = []
         self._row_bucket = []
 

@@ -14,27 +14,9 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from tokopt.errors import TokoptError
+from tokopt.runtime.speculative.configs import LookupConfig  # the method's config is the drafter's
 from tokopt.runtime.speculative.drafters.base import Drafter, insert_path
 from tokopt.runtime.speculative.tree import DraftTree
-
-
-@dataclass(frozen=True)
-class LookupConfig:
-    budget: int = 8  # tree nodes besides the root
-    max_ngram: int = 3
-    min_ngram: int = 1
-    branches: int = 2  # distinct earlier occurrences whose continuations enter the tree
-
-    def __post_init__(self):
-        if self.budget < 1:
-            raise TokoptError(f"lookup budget must be >= 1 draft node, got {self.budget}")
-        if not 1 <= self.min_ngram <= self.max_ngram:
-            raise TokoptError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
-        if self.branches < 1:
-            raise TokoptError(f"lookup branches must be >= 1, got {self.branches}")
 
 
 class NgramIndex:
@@ -81,7 +63,7 @@ class PromptLookup(Drafter):
     name = "lookup"
 
     def __init__(self, config: LookupConfig = LookupConfig()):
-        self.config = config
+        self.config = config.resolved()  # budget "auto": 8 nodes
         self.indexes = []
 
     def start(self, prompts, sampling):

@@ -29,34 +29,16 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from tokopt.errors import TokoptError
 from tokopt.runtime.speculative.acceptance import RankAcceptance, best_tree, path_values
+from tokopt.runtime.speculative.configs import PPDConfig  # the method's config is the drafter's
 from tokopt.runtime.speculative.drafters.base import Drafter, insert_path
 from tokopt.runtime.speculative.tree import DraftTree
 
 FALLBACK_SHARE = 0.5  # draft gain kept when the last accepted node had no chain (shifted ancestor guesses)
 PRIOR_WEIGHT = 50.0  # the artifact's accuracies count as this many observations per depth
-
-
-@dataclass(frozen=True)
-class PPDConfig:
-    budget: int = 6  # guess nodes besides the root (without a latency profile)
-    chain_nodes: int = 2  # nodes carrying a prompt chain, the root included (without a latency profile)
-    ranks: int = 10  # candidates per depth
-    max_chain_nodes: int = 8  # most chains the latency rule considers
-    chain_len: int | None = None  # prompt tokens per chain (None: all k; the latency rule may use fewer)
-    reshape_every: int = 16  # steps between shape updates from acceptance statistics
-
-    def __post_init__(self):
-        if self.budget < 1 or self.chain_nodes < 1 or self.ranks < 1 or self.max_chain_nodes < 1:
-            raise TokoptError(f"PPD budget, chain_nodes, ranks and max_chain_nodes must be >= 1: {self}")
-        if self.chain_len is not None and self.chain_len < 1:
-            raise TokoptError(f"PPD chain_len must be >= 1 prompt token (or None for all), got {self.chain_len}")
 
 
 def rank_prior(rank_accuracy, ranks: int) -> torch.Tensor:
@@ -71,6 +53,7 @@ class ParallelPromptDecoding(Drafter):
     """PPD guesses (and, with ``recycling``, Token Recycling's) in one tree; see the module docstring."""
 
     def __init__(self, vocab_size: int, k: int, rank_accuracy, config: PPDConfig = PPDConfig(), recycling=None):
+        config = config.resolved()  # budget "auto": start from 6 guess nodes until set_profile shapes the tree
         self.vocab, self.k, self.config = vocab_size, k, config
         self.recycling = recycling
         self.name = "ppd+recycling" if recycling is not None else "ppd"

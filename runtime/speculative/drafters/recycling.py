@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,34 +28,18 @@ import torch
 from tokopt.errors import TokoptError
 from tokopt.kernels.recycling import recycling_fill, recycling_update
 from tokopt.runtime.speculative.acceptance import RankAcceptance, best_tree, expected_tokens
+from tokopt.runtime.speculative.configs import RecyclingConfig  # the method's config is the drafter's
 from tokopt.runtime.speculative.drafters.base import Drafter, insert_path
 from tokopt.runtime.speculative.drafters.lookup import NgramIndex
 from tokopt.runtime.speculative.tree import DraftTree
 from tokopt.runtime.speculative.tree_size import best_size
 
 
-@dataclass(frozen=True)
-class RecyclingConfig:
-    budget: int = 8  # recycled nodes besides the root
-    k: int = 8  # successors kept per token
-    max_depth: int = 8
-    lookup_nodes: int = 4  # extra nodes for the prompt-lookup continuation (0: recycling only)
-    update_from_prefill: bool = True  # also recycle the logits of every prompt position
-    reshape_every: int = 16  # steps between template updates from acceptance statistics
-
-    def __post_init__(self):
-        if self.budget < 1:
-            raise TokoptError(f"recycling tree budget must be >= 1 draft node, got {self.budget}")
-        if not 1 <= self.k <= 64:
-            raise TokoptError(f"recycling k (successors per token) must be in 1..64, got {self.k}")
-        if self.lookup_nodes < 0:
-            raise TokoptError(f"lookup_nodes must be >= 0, got {self.lookup_nodes}")
-
-
 class TokenRecycling(Drafter):
     name = "recycling"
 
     def __init__(self, vocab_size: int, config: RecyclingConfig = RecyclingConfig()):
+        config = config.resolved()  # budget "auto": start from 8 nodes until set_profile sizes the tree
         self.config = config
         self.adj = torch.full((vocab_size, config.k), -1, dtype=torch.int32)
         self._adj = self.adj.numpy()  # shares memory; scalar lookups are faster in numpy
@@ -73,7 +57,7 @@ class TokenRecycling(Drafter):
     def set_budget(self, budget: int) -> None:
         if budget < 1:
             raise TokoptError(f"recycling tree budget must be >= 1 draft node, got {budget}")
-        self.config = RecyclingConfig(**{**self.config.__dict__, "budget": budget})
+        self.config = replace(self.config, budget=budget)
         self.template = best_tree(self.stats.rates(), budget)
 
     def set_profile(self, profile, max_nodes: int = 32) -> None:
@@ -85,7 +69,7 @@ class TokenRecycling(Drafter):
         rates = self.stats.rates()
         if self.profile is not None:
             budget = best_size(expected_tokens(rates, self.max_nodes), self.profile, self.config.lookup_nodes)
-            self.config = RecyclingConfig(**{**self.config.__dict__, "budget": budget})
+            self.config = replace(self.config, budget=budget)
         self.template = best_tree(rates, self.config.budget)
 
     def start(self, prompts, sampling):

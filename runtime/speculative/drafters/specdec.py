@@ -3,7 +3,7 @@
 An acceptance-prediction head on the draft model's final hidden state (residual MLP blocks, then one logit)
 estimates P(the token drafted from this state is accepted). Drafting keeps ``cum = prod p_accept`` and stops
 once ``1 - cum > threshold`` (a threshold policy is optimal, by the paper), within ``min_length`` and
-``max_length``. The head is trained by ``tokopt train-specdec`` (``tokopt.train_specdec``) and saved with the
+``max_length``. The head is trained by ``tokopt train-specdec`` (``tokopt.training.specdec``) and saved with the
 fingerprints of the target and draft it was trained for; loading it for another pair is refused.
 
 Example::

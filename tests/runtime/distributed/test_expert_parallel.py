@@ -9,7 +9,7 @@ import torch
 from tokopt.errors import TokoptError
 from tokopt.moe.plan import routing_fractions
 from tokopt.runtime.distributed.generate import generate_on_rank
-from tokopt.runtime.distributed.program import StepContext, alltoalls_per_layer, capture_program
+from tokopt.models.ep_program.program import StepContext, alltoalls_per_layer, capture_program
 from tokopt.runtime.distributed.run import build_rank_program, ep_generate
 from tokopt.runtime.distributed.stats import trace_of_run
 
@@ -152,13 +152,13 @@ def test_dense_model_refused(tiny_model):
 
 
 def test_dense_program_refused_by_the_pass(tiny_model):
-    from tokopt.pass_manager import run_passes
+    from tokopt.passes.manager import run_passes
+
+    from tokopt.passes.expert_parallel import ExpertParallelConfig
 
     gm = capture_program(tiny_model("qwen3"))
-    gm.meta["ep"].update(world=2, rank=0)
-    gm.meta["tokopt"] = {"history": [], "output_names": []}
     with pytest.raises(TokoptError, match="qwen3.*no Mixture-of-Experts layers"):
-        run_passes(gm, ["expert_parallel"])
+        run_passes(gm, [ExpertParallelConfig(world=2, rank=0)])
 
 
 def test_experts_not_divisible_by_ranks(tiny_model):
@@ -181,8 +181,8 @@ def test_unknown_strategy(tiny_model):
 
 
 def test_passes_say_why_on_a_decoder_graph(tiny_model):
-    from tokopt.capture import capture
-    from tokopt.pass_manager import run_passes
+    from tokopt.models.capture import capture
+    from tokopt.passes.manager import run_passes
 
     gm, reports = run_passes(capture(tiny_model("mixtral")), ["expert_parallel", "fuse_alltoall"])
     assert all(r.matched == 0 and "expert-parallel program" in r.why_not for r in reports)

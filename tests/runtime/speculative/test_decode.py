@@ -6,7 +6,7 @@ tokens equal plain decoding's."""
 import pytest
 import torch
 
-from tokopt.runtime.decoder_graph import DecoderGraph
+from tokopt.models.decoder_graph import DecoderGraph
 from tokopt.runtime.eager_engine import EagerEngine
 from tokopt.runtime.generate import generate
 from tokopt.runtime.sampling import SamplingParams

@@ -53,7 +53,6 @@ def test_bad_edges_are_refused():
 def test_greedy_output_equals_plain_on_real_questions(opt, tokenizer, spec_bench_questions, pick_questions):
     from tokopt.runtime.prompts import encode_prompts
 
-    opt.tokenizer = tokenizer
     spec = opt.with_speculative("recycling-entropy")
     steps_by_bucket = set()
     for q in pick_questions(spec_bench_questions, 3):

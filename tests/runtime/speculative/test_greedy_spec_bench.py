@@ -10,7 +10,7 @@ import torch
 
 import tokopt
 from tokopt.runtime.prompts import encode_prompts
-from tokopt.speculative import SpeculativeConfig
+from tokopt.runtime.speculative.methods import SpeculativeConfig
 
 DRAFT_METHODS = ("draft", "dyspec", "rsd")
 
@@ -33,14 +33,12 @@ def _check(opt, method, questions, max_new_tokens, batch, budget="auto"):
 
 @pytest.fixture(scope="module")
 def eager(opt, tokenizer):
-    opt.tokenizer = tokenizer
     return opt
 
 
 @pytest.fixture(scope="module")
 def ort(onnx_engine_dir, real_model):
-    opt = tokopt.load_engine(onnx_engine_dir)
-    opt.model = real_model  # draft-model methods draft with the torch model
+    opt = tokopt.load_engine(onnx_engine_dir, model=real_model)  # draft-model methods draft with the torch model
     return opt
 
 

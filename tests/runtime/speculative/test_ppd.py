@@ -6,14 +6,15 @@ import torch
 
 import tokopt
 from tokopt.errors import TokoptError
-from tokopt.models import model_fingerprint
+from tokopt.models.graph_meta import GraphFacts
+from tokopt.models.loading import model_fingerprint
 from tokopt.runtime.prompts import encode_prompts
 from tokopt.runtime.sampling import SamplingParams
 from tokopt.runtime.speculative.drafters.ppd import PPDConfig, ParallelPromptDecoding
 from tokopt.runtime.speculative.tree_size import LatencyProfile
 from tokopt.runtime.speculative.verify import Verdict
-from tokopt.speculative import SpeculativeConfig, build_drafter
-from tokopt.train_ppd import save_ppd_artifact
+from tokopt.runtime.speculative.methods import SpeculativeConfig, build_drafter
+from tokopt.runtime.artifacts import save_ppd_artifact
 
 ACCURACY = [[0.3, 0.1, 0.05], [0.2, 0.08, 0.04], [0.15, 0.06, 0.03]]
 
@@ -27,8 +28,7 @@ def ppd_opt(real_model, tokenizer, tmp_path_factory):
     table = embed.mean(0, keepdim=True).repeat(3, 1).detach() + 0.01 * torch.randn(3, embed.shape[1])
     save_ppd_artifact(table, model_fingerprint(real_model), {"rank_accuracy": ACCURACY})
     try:
-        opt = tokopt.optimize(real_model, speculative=SpeculativeConfig("ppd", budget=4))
-        opt.tokenizer = tokenizer
+        opt = tokopt.optimize(real_model, speculative=SpeculativeConfig("ppd", budget=4), tokenizer=tokenizer)
         yield opt
     finally:
         mp.undo()
@@ -44,10 +44,11 @@ def test_graph_without_slots_refused(opt, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKOPT_CACHE", str(tmp_path))  # no artifact: the shared graph is left untouched
     with pytest.raises(TokoptError, match="tokopt train-ppd"):
         opt.with_speculative("ppd")
-    assert "ppd" not in opt.graph_module.meta["tokopt"]
+    assert opt.engine.facts.ppd is None
 
-    class NoGraph:
+    class NoGraph:  # an engine whose graph has no prompt slots
         spec = opt.engine.spec
+        facts = GraphFacts()
     with pytest.raises(TokoptError, match="ppd_slots"):
         build_drafter(SpeculativeConfig("ppd"), engine=NoGraph())
 

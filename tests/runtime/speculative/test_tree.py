@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tokopt.runtime.masks import step_mask
+from tokopt.models.masks import step_mask
 from tokopt.runtime.speculative.tree import DraftTree, ancestor_matrix, pack_trees
 
 

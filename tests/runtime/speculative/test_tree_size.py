@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tokopt.runtime.decoder_graph import DecoderGraph
+from tokopt.models.decoder_graph import DecoderGraph
 from tokopt.runtime.eager_engine import EagerEngine
 from tokopt.runtime.speculative.tree_size import LatencyProfile, best_size, latency_profile, measure_latency
 

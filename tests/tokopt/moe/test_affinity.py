@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tokopt.errors import TokoptError
-from tokopt.moe.affinity import affinity, expert_load, mutual_information, stability, transition_counts
+from tokopt.moe.affinity import affinity, expert_load, mutual_information, transition_counts
+from tokopt.moe.placement import stability
 from tokopt.moe.traces import RoutingTrace
 
 

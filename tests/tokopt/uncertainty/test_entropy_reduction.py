@@ -7,7 +7,7 @@ import torch
 from tokopt.errors import TokoptError
 from tokopt.runtime.generate import prefill_rows
 from tokopt.uncertainty.entropy_reduction import EntropyCurve, _slope, entropy_curve, split_steps
-from tokopt.uncertainty.logit_stats import entropy
+from tokopt.runtime.logprobs import entropy
 
 
 class Counting:

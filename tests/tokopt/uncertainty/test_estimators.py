@@ -96,7 +96,7 @@ def test_optimized_model_scores_each_row(tiny_model):
 
 
 def test_engine_exported_without_attention_taps_refuses_rauq(tiny_model, tmp_path):
-    from tokopt.engine_dir import export_engine
+    from tokopt.export.engine_dir import export_engine
 
     opt = tokopt.optimize(tiny_model("llama", num_hidden_layers=3, vocab_size=256),
                           tokopt.OptimizeConfig(passes=("logit_taps",)))
