@@ -102,7 +102,7 @@ def _slots_tag(opt) -> str:
     import hashlib
 
     gm = getattr(opt, "graph_module", None)
-    if gm is None or "ppd" not in gm.meta.get("tokopt", {}):
+    if gm is None or opt.engine.facts.ppd is None:
         return ""
     from tokopt.passes.ppd_slots import TABLE
 

@@ -19,7 +19,7 @@ import torch
 from tokopt.errors import TokoptError
 from tokopt.passes import (  # noqa: F401  (each module registers its pass)
     attention_taps, entropy_tap, expert_parallel, expert_placement, fuse_alltoall, logit_taps, lower_grouped_mm,
-    ppd_slots, remove_noop_casts, small_batch_linear,
+    ppd_slots, quantize_weights, remove_noop_casts, small_batch_linear,
 )
 from tokopt.models.graph_meta import graph_meta
 from tokopt.passes.registry import _REGISTRY, PassConfig, PassReport, RegisteredPass

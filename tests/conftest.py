@@ -151,3 +151,23 @@ def tiny_model():
         return model
 
     return make
+
+@pytest.fixture(autouse=True)
+def _recycling_state_in_tmp(tmp_path_factory, monkeypatch):
+    """Tests never write Token Recycling's persisted state into the user's real cache: state files (``persist.state_path``) go to a temporary folder unless the test sets
+    ``TOKOPT_CACHE`` itself; latency profiles stay in the real cache (re-measuring SmolLM2's per test would take
+    minutes)."""
+    import os
+
+    from tokopt import paths
+    from tokopt.runtime.speculative import persist
+
+    outer = os.environ.get("TOKOPT_CACHE")
+    root = tmp_path_factory.getbasetemp() / "recycling-state"
+
+    def cache_path(*parts):
+        if os.environ.get("TOKOPT_CACHE") != outer:  # the test chose a cache of its own
+            return paths.cache_path(*parts)
+        return root.joinpath(*parts)
+
+    monkeypatch.setattr(persist, "cache_path", cache_path)

@@ -228,6 +228,7 @@ class RecyclingConfig(SpeculativeConfig):
     lookup_nodes: int = 4  # extra nodes for the prompt-lookup continuation (0: recycling only)
     update_from_prefill: bool = True  # also recycle the logits of every prompt position
     reshape_every: int = 16  # steps between template updates from acceptance statistics
+    persist: bool = True  # keep adj + acceptance statistics per model in the cache across processes
 
     def __post_init__(self):
         super().__post_init__()

@@ -157,6 +157,8 @@ def _speculate(engine, cache, drafter, request: GenerationRequest, rows: Rows, p
     cache = compact(cache, old_length, index, index_valid)
     drafter.feedback(trees, verdicts)
     stats.tree_sizes.append(width)
+    if hasattr(drafter, "verify_timed"):  # lets the drafter check its latency profile against real steps
+        drafter.verify_timed(request.batch, width, t2 - t1)
     stats.draft_s += t1 - t0
     stats.verify_s += t2 - t1
     stats.host_s += time.perf_counter() - t2
@@ -190,6 +192,8 @@ def speculative_decode(engine, request: GenerationRequest, drafter) -> Generatio
     while not rows.done:
         cache = _speculate(engine, cache, drafter, request, rows, prompts, positions, generator, stats)
     forwards = 1 + stats.steps + complete_tails(engine, cache, rows, positions)
+    if hasattr(drafter, "end"):  # e.g. Token Recycling saves what it learned
+        drafter.end()
     return finish(request, rows, clock, forwards, stats=stats)
 
 

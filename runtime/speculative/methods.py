@@ -205,12 +205,13 @@ def _draft_runner(config, engine, target_model, tokenizer, hidden: bool = False)
 # -- the built-in methods ----------------------------------------------------------------------------------------
 @register_method(RecyclingConfig)
 def _build_recycling(config: RecyclingConfig, *, engine, model_key="", **_):
-    return _sized_by_latency(TokenRecycling(engine.spec.vocab_size, config), config, engine, model_key)
+    drafter = TokenRecycling(engine.spec.vocab_size, config).persist_as(model_key)
+    return _sized_by_latency(drafter, config, engine, model_key)
 
 
 @register_method(RecyclingEntropyConfig)
 def _build_recycling_entropy(config: RecyclingEntropyConfig, *, engine, model_key="", **_):
-    drafter = EntropySizedRecycling(engine.spec.vocab_size, config, config.edges)
+    drafter = EntropySizedRecycling(engine.spec.vocab_size, config, config.edges).persist_as(model_key)
     return _sized_by_latency(drafter, config, engine, model_key)
 
 

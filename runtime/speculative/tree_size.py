@@ -6,7 +6,12 @@ median of interleaved repeats). The best size maximizes E(n) / t(n + 1) (the roo
 nearly flat for dozens of nodes, so trees grow big; on a 2-core CPU a forward of 16 tokens costs about twice
 one token's, so the best tree is small.
 
-Profiles are cached per machine, model and engine (``~/.cache/tokopt/latency/``, or ``$TOKOPT_CACHE``).
+Profiles are cached per machine, model and engine (``~/.cache/tokopt/latency/``, or ``$TOKOPT_CACHE``). A
+profile measured on a busy machine would size trees wrongly for ever, so the decode loop checks it for free:
+``LatencyWatch`` compares the verify forwards' real times with the profile's t(n) (median ratio per size bucket
+over the last steps) and, when they disagree beyond a factor of 2, the profile is measured again (once per
+process per profile, with a progress line saying why) and the cached file replaced (``remeasure``).
+``forget_profiles`` deletes cached profiles (``tokopt bench --remeasure``).
 
 Example::
 
@@ -18,11 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import statistics
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +36,7 @@ from tokopt.paths import cache_path
 from tokopt.progress import progress_step
 from tokopt.models.kv_cache import KVCache
 from tokopt.models.masks import causal_structure, step_mask
+from tokopt.runtime.speculative.persist import atomic_write
 
 
 @dataclass
@@ -42,6 +47,9 @@ class LatencyProfile:
     past: int
     machine: str
     engine: str
+    model_key: str = ""
+    # how to measure it again (engine, model_key, max_nodes, past, repeats, path); not saved
+    source: tuple | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, n: int) -> float:
         if n in self.seconds:
@@ -57,11 +65,12 @@ class LatencyProfile:
 
     def to_dict(self) -> dict:
         return {"seconds": {str(k): v for k, v in self.seconds.items()}, "past": self.past,
-                "machine": self.machine, "engine": self.engine}
+                "machine": self.machine, "engine": self.engine, "model_key": self.model_key}
 
     @classmethod
     def from_dict(cls, d) -> "LatencyProfile":
-        return cls({int(k): float(v) for k, v in d["seconds"].items()}, d["past"], d["machine"], d["engine"])
+        return cls({int(k): float(v) for k, v in d["seconds"].items()}, d["past"], d["machine"], d["engine"],
+                   d.get("model_key", ""))
 
 
 
@@ -92,21 +101,101 @@ def measure_latency(engine, sizes, past: int = 256, repeats: int = 5, warmup: in
 
 
 
+def profile_path(engine, model_key: str, max_nodes: int = 32, past: int = 256) -> Path:
+    key = hashlib.sha1(f"{machine_id()}|{model_key}|{engine.name}|{max_nodes}|{past}".encode()).hexdigest()[:16]
+    return cache_path("latency", f"{key}.json")
+
+
 def latency_profile(engine, model_key: str, max_nodes: int = 32, past: int = 256, repeats: int = 5,
-                    refresh: bool = False) -> LatencyProfile:
-    """The cached profile for this machine, model and engine, measured (with progress) when missing."""
-    machine = machine_id()
-    key = hashlib.sha1(f"{machine}|{model_key}|{engine.name}|{max_nodes}|{past}".encode()).hexdigest()[:16]
-    path = cache_path("latency", f"{key}.json")
+                    refresh: bool = False, reason: str = "") -> LatencyProfile:
+    """The cached profile for this machine, model and engine, measured (with progress) when missing or when
+    ``refresh`` (then the cached file is replaced atomically; ``reason`` goes into the progress line)."""
+    path = profile_path(engine, model_key, max_nodes, past)
+    source = (engine, model_key, max_nodes, past, repeats, path)
     if path.is_file() and not refresh:
-        return LatencyProfile.from_dict(json.loads(path.read_text()))
+        try:
+            profile = LatencyProfile.from_dict(json.loads(path.read_text()))
+            profile.source = source
+            return profile
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: measure it again
     sizes = sorted(set(list(range(1, min(max_nodes, 16) + 1)) + list(range(16, max_nodes + 1, 4)) + [max_nodes]))
-    with progress_step(f"measuring verify latency for {len(sizes)} tree sizes on this machine ({engine.name})"):
+    why = f" ({reason})" if reason else ""
+    with progress_step(f"measuring verify latency for {len(sizes)} tree sizes on this machine ({engine.name}){why}"):
         seconds = measure_latency(engine, sizes, past=past, repeats=repeats)
-    profile = LatencyProfile(seconds, past, machine, engine.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(profile.to_dict(), indent=1))
+    profile = LatencyProfile(seconds, past, machine_id(), engine.name, model_key, source)
+    atomic_write(path, json.dumps(profile.to_dict(), indent=1).encode())
     return profile
+
+
+_REMEASURED: set = set()  # profile files measured again in this process (at most once each)
+
+
+def remeasure(profile: LatencyProfile, reason: str) -> LatencyProfile | None:
+    """``profile`` measured again and its cached file replaced, or None when it cannot be (no source) or was
+    already measured again in this process."""
+    if profile.source is None:
+        return None
+    engine, model_key, max_nodes, past, repeats, path = profile.source
+    if str(path) in _REMEASURED:
+        return None
+    _REMEASURED.add(str(path))
+    return latency_profile(engine, model_key, max_nodes, past, repeats, refresh=True, reason=reason)
+
+
+def forget_profiles(engine_name: str | None = None, model_key: str | None = None) -> list:
+    """Delete cached latency profiles (those of ``engine_name`` / ``model_key`` when given; files from before
+    the model key was recorded match any key); returns the deleted paths. The next run measures again."""
+    folder = cache_path("latency")
+    deleted = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            d = json.loads(path.read_text())
+        except ValueError:
+            d = {}
+        if engine_name is not None and d.get("engine", engine_name) != engine_name:
+            continue
+        if model_key is not None and d.get("model_key", model_key) not in ("", model_key):
+            continue
+        path.unlink()
+        deleted.append(path)
+    return deleted
+
+
+class LatencyWatch:
+    """Checks a profile against the verify forwards actually timed (no extra forwards): the ratio
+    observed / t(n) per step, grouped by size bucket (1, 2-3, 4-7, 8-15, ...); once a bucket holds ``min_steps``
+    ratios (of the last ``window``) whose median is outside ``band``, ``observe`` returns that median.
+    The first ``skip`` steps of each ``generate`` call (``restart``) are not used.
+
+    Example::
+
+        watch = LatencyWatch(profile)
+        ratio = watch.observe(nodes, seconds)      # None while the profile looks right
+    """
+
+    def __init__(self, profile: LatencyProfile, band=(0.5, 2.0), min_steps: int = 8, window: int = 16,
+                 skip: int = 2):
+        self.profile, self.band, self.min_steps, self.window, self.skip = profile, band, min_steps, window, skip
+        self.buckets = {}
+        self._seen = 0
+
+    def restart(self) -> None:
+        self._seen = 0
+
+    def observe(self, nodes: int, seconds: float):
+        self._seen += 1
+        if self._seen <= self.skip or nodes < 1:
+            return None
+        predicted = self.profile(nodes)
+        if predicted <= 0:
+            return None
+        ratios = self.buckets.setdefault(nodes.bit_length(), deque(maxlen=self.window))
+        ratios.append(seconds / predicted)
+        if len(ratios) < self.min_steps:
+            return None
+        median = statistics.median(ratios)
+        return median if not self.band[0] <= median <= self.band[1] else None
 
 
 def best_size(curve, profile: LatencyProfile, extra_nodes: int = 0, min_size: int = 1) -> int:

@@ -47,7 +47,8 @@ def load_engine(path, *, threads: int | None = None, speculative=None, uncertain
                               f"self-speculative draft; pass {type(speculative).__name__}(draft_model=...)")
         model, _ = load(opened.model_name, progress=False)
     key = "|".join([opened.model_name or str(opened.path.resolve()), *manifest.get("passes", []),
-                    get_target(manifest["target"], warn=False).name])  # engines written as "ep" are pt2
+                    get_target(manifest["target"], warn=False).name,  # engines written as "ep" are pt2
+                    *([f"quantize:{manifest['quantize']['mode']}"] if manifest.get("quantize") else [])])
     return OptimizedModel(opened.engine, defaults=opened.defaults, tokenizer=opened.tokenizer,
                           report=Report(opened.pass_reports, opened.capture_s), model=model, model_key=key,
                           speculative=speculative, uncertainty=uncertainty, manifest=manifest)

@@ -18,16 +18,19 @@ from tokopt.models.capture import capture
 from tokopt.models.loading import load, model_fingerprint
 from tokopt.models.graph_meta import graph_meta
 from tokopt.passes.manager import Report, check_pass_names, run_passes, step_name
+from tokopt.passes.quantize_weights import QuantizeWeightsConfig, require_bits
 from tokopt.progress import progress_step
 from tokopt.runtime.artifacts import load_ppd_artifact
 from tokopt.runtime.eager_engine import EagerEngine
+from tokopt.runtime.inductor_engine import InductorEngine
 from tokopt.runtime.request import GenerationDefaults
 from tokopt.runtime.speculative.methods import PPD_METHODS, SpeculativeConfig, add_ppd_slots
 
 DEFAULT_PASSES = ("remove_noop_casts", "entropy_tap")
 UNCERTAINTY_PASSES = ("logit_taps", "attention_taps")  # what optimize(uncertainty=True) adds
-# small_batch_linear speeds the eager engine on CPU (few-token steps) but slows ONNX Runtime (measured:
-# bench/RESULTS.md), so it is opt-in: OptimizeConfig(passes=(*DEFAULT_PASSES, "small_batch_linear")).
+# small_batch_linear speeds the eager engine's multi-token (verify) steps on CPU but slows ONNX Runtime, and plain
+# eager greedy decode (1-token steps, prefill) got 10-20% slower with it (measured: bench/RESULTS.md, end), so it
+# stays opt-in: OptimizeConfig(passes=(*DEFAULT_PASSES, "small_batch_linear")).
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,12 @@ class OptimizeConfig:
         return asdict(self)
 
 
+ENGINES = ("eager", "inductor")  # optimize(engine=): who runs the optimized graph
+QUANTIZE_BITS = {"int8": 8, "int4": 4}  # optimize(quantize=): the quantize_weights pass (eager CPU)
+
+
 def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=None, uncertainty: bool = False,
-             tokenizer=None) -> OptimizedModel:
+             tokenizer=None, quantize: str | None = None, engine: str = "eager") -> OptimizedModel:
     """Capture ``model`` (a loaded supported HF causal LM, a model name/path, or None for the default),
     apply ``config.passes`` in order, and return an ``OptimizedModel`` running the result eagerly.
     ``speculative``: a method name (recycling, recycling-entropy, lookup, draft, dyspec, rsd, specdec++, ppd,
@@ -55,7 +62,12 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
     ``tokopt.runtime.speculative.configs``); decoding stays lossless. ``uncertainty``: add the ``logit_taps`` and
     ``attention_taps`` passes and record per-token uncertainty (``opt.last_uncertainty``), also under
     speculative decoding. ``tokenizer``: the model's tokenizer when it is not found beside a loaded model
-    (stop strings, text in the CLI, draft calibration).
+    (stop strings, text in the CLI, draft calibration). ``quantize``: "int8" or "int4" runs the
+    ``quantize_weights`` pass last (weight-only quantized linears, LM head included, eager CPU kernels;
+    ``QuantizeWeightsConfig`` in ``OptimizeConfig.passes`` for other settings); such a model does not export to
+    ONNX: use ``tokopt export --quantize`` (``export_engine(opt, dir, quantize=...)``) on an unquantized one.
+    ``engine``: "eager" (default: the graph run by PyTorch op by op) or "inductor" (the optimized graph compiled
+    once by ``torch.compile`` with dynamic shapes, ``runtime/inductor_engine.py``; the first steps compile).
 
     Example::
 
@@ -65,6 +77,14 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
         opt = tokopt.optimize(model, speculative=tokopt.RecyclingConfig(budget=12))
     """
     speculative = SpeculativeConfig.coerce(speculative)  # bad names fail before the 20 s capture
+    if engine not in ENGINES:
+        raise TokoptError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    quant = None
+    if quantize not in (None, "", "none", "fp32"):
+        if quantize not in QUANTIZE_BITS:
+            raise TokoptError(f"quantize must be one of {', '.join(QUANTIZE_BITS)} (weight-only), got {quantize!r}")
+        quant = QuantizeWeightsConfig(bits=QUANTIZE_BITS[quantize])
+        require_bits(quant.bits)  # a torch without the kernels fails before the capture, naming the ONNX path
     config = config or OptimizeConfig()
     if uncertainty:  # the taps are what the records are made of
         missing = tuple(p for p in UNCERTAINTY_PASSES if p not in config.passes)
@@ -79,9 +99,14 @@ def optimize(model=None, config: OptimizeConfig | None = None, *, speculative=No
     gm, reports = run_passes(gm, [p for p in config.passes if ppd is None or step_name(p) != "ppd_slots"])
     if ppd is not None:
         reports += add_ppd_slots(gm, model, ppd)
+    if quant is not None:
+        gm, more = run_passes(gm, [quant])
+        reports += more
     meta = graph_meta(gm)
-    engine = EagerEngine(gm, meta.spec, meta.output_names)
-    model_key = "|".join([model_fingerprint(model), *map(step_name, config.passes)])
+    engine = (InductorEngine(gm, meta.spec, meta.output_names) if engine == "inductor"
+              else EagerEngine(gm, meta.spec, meta.output_names))
+    model_key = "|".join([model_fingerprint(model), *map(step_name, config.passes),
+                          *([f"quantize_weights:{quantize}"] if quant is not None else [])])
     return OptimizedModel(engine, defaults=GenerationDefaults.from_model(model), tokenizer=tokenizer,
                           report=Report(reports, meta.capture_s), config=config, graph_module=gm,
                           model=model, model_key=model_key, speculative=speculative, uncertainty=uncertainty)

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--uncertainty", action="store_true",
                    help="add the uncertainty taps (logit_taps, attention_taps) so the engine records per-token "
                         "uncertainty (load it with --uncertainty)")
+    e.add_argument("--quantize", default=None, metavar="{int8,int4}",
+                   help="weight-only quantized ONNX engine: the MatMul weights (LM head included) become "
+                        "com.microsoft.MatMulNBits, 8- or 4-bit blocks of 32 (tokopt.export.quantize)")
     _add_ep(e, "an expert-parallel engine: one weight file per rank holding only its experts (MoE models; "
                "run it with `tokopt generate --engine DIR`)")
 
@@ -153,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "HF greedy and HF prompt lookup per Spec-Bench category; --engines then takes eager,onnx")
     b.add_argument("--per-category", type=int, default=2, help="questions per category (speculative suite)")
     b.add_argument("--budget", default="auto", metavar="N", help="draft nodes per step, or 'auto' (speculative suite)")
+    b.add_argument("--remeasure", action="store_true",
+                   help="first delete the cached verify-latency profiles and Token Recycling states (cache folders "
+                        "latency/ and recycling/): this run measures and learns them again")
     b.add_argument("--suite", default="speed", choices=["speed", "uncertainty"],
                    help="speed (default): tokens/s; uncertainty: PRR/ROC-AUC of every uncertainty estimator on "
                         "questions with checkable answers, and the taps' cost")
@@ -162,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uncertainty suite: a text file (one sentence per line) for next-word cloze questions")
     b.add_argument("--estimators", default=None, metavar="NAMES",
                    help="uncertainty suite: comma-separated estimators (default: all)")
+    b.add_argument("--peers", default=None, choices=["ortgenai"],
+                   help="peer benchmark: tokopt against ONNX Runtime GenAI (fp32, int4, n-gram) in separate "
+                        "processes on the same prompts; needs pip install 'tokopt[peers]'")
+    b.add_argument("--rounds", type=int, default=2, help="peer benchmark: interleaved rounds (default 2)")
     _add_passes(b)
 
     t = sub.add_parser("train-specdec", help="train the SpecDec++ acceptance head for a target/draft pair",
@@ -308,11 +318,18 @@ def _export_ep(args) -> int:
 def cmd_export(args) -> int:
     import tokopt
     from tokopt.export.engine_dir import export_engine, get_target
+    from tokopt.export.quantize import check_quantize
 
     _target(args)
+    quantize = check_quantize(args.quantize)  # a bad value fails before anything loads
+    if quantize is not None and args.ep is not None:
+        raise tokopt.TokoptError("--quantize quantizes single-process ONNX engines; drop --ep or --quantize")
     if args.ep is not None:
         return _export_ep(args)
     args.target = args.target or "onnx"
+    if quantize is not None and args.target != "onnx":
+        raise tokopt.TokoptError(f"--quantize {quantize} quantizes ONNX Runtime engines (--target onnx), not "
+                                 f"--target {args.target}")
     if args.ep_strategy or args.placement:
         raise tokopt.TokoptError("--ep-strategy and --placement shape an expert-parallel engine: add --ep N")
     config = _config(args)  # bad pass names fail before the model loads
@@ -323,14 +340,33 @@ def cmd_export(args) -> int:
     opt = tokopt.optimize(model, config, uncertainty=args.uncertainty, speculative=args.speculative,
                           tokenizer=tokenizer)
     path = export_engine(opt, args.output, target=args.target, model_config=model.config.to_dict(),
-                         model_name=str(args.model or tokopt.models.loading.DEFAULT_MODEL))
-    print(f"wrote {args.target} engine to {path}\n{opt.report}")
+                         model_name=str(args.model or tokopt.models.loading.DEFAULT_MODEL), quantize=quantize)
+    print(f"wrote {args.target} engine{f' ({quantize} weights)' if quantize else ''} to {path}\n{opt.report}")
     return 0
 
 
 def cmd_bench(args) -> int:
     from tokopt.bench.harness import BenchConfig, run_bench
 
+    if args.remeasure:
+        from tokopt.runtime.speculative.persist import forget_states
+        from tokopt.runtime.speculative.tree_size import forget_profiles
+
+        print(f"deleted {len(forget_profiles())} latency profile(s) and {len(forget_states('recycling'))} "
+              "Token Recycling state(s); measuring again")
+    if args.peers:
+        from tokopt.bench.peers import PeerMissing, PeersConfig, check_peer, run_peers_bench
+
+        try:
+            check_peer(args.peers)
+        except PeerMissing as exc:
+            print(f"tokopt: {exc}", file=sys.stderr)
+            return 2
+        out = args.out if args.out != "bench/out" else "bench/out/peers"
+        run_peers_bench(PeersConfig(model=args.model, prompts=args.prompts, questions=args.questions,
+                                    max_new_tokens=args.max_new_tokens, rounds=args.rounds, engine_dir=args.engine,
+                                    out=out), peer=args.peers)
+        return 0
     if args.suite == "uncertainty":
         from tokopt.bench.uncertainty import ESTIMATORS_BENCHED, UncertaintyBenchConfig, run_uncertainty_bench
         from tokopt.uncertainty.estimators import check_estimators

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from tokopt.errors import EngineError, TokoptError
+from tokopt.export.quantize import check_quantize, quantize_onnx
 from tokopt.export.tensorrt import compile_tensorrt, load_tensorrt
 from tokopt.kernels.graph_ops import onnx_translation_table, ops_in, require_tensorrt
 from tokopt.models.capture import export_program
@@ -178,11 +179,13 @@ def versions() -> dict:
 
 
 def export_engine(opt, out_dir, *, target: str = "onnx", model_config: dict | None = None,
-                  model_name: str = "") -> Path:
+                  model_name: str = "", quantize: str | None = None, quantize_head: bool = True) -> Path:
     """Lower an optimized model to an engine directory (written whole, then moved into place). ``target``: a name
     in ``TARGETS``: onnx (ONNX Runtime), pt2 (a torch.export program) or tensorrt (torch-tensorrt; needs it and a
     CUDA GPU); "ep", the old name of pt2, still works with a DeprecationWarning. The manifest records the
-    speculative method config ``opt`` decodes with (``tokopt.load_engine`` uses it by default).
+    speculative method config ``opt`` decodes with (``tokopt.load_engine`` uses it by default). ``quantize``:
+    "int8" or "int4" quantizes the onnx engine's weight MatMuls (weight-only, ``tokopt.export.quantize``; the LM
+    head too unless ``quantize_head=False``); the manifest's ``quantize`` records it (None: fp32 weights).
 
     Example::
 
@@ -192,9 +195,16 @@ def export_engine(opt, out_dir, *, target: str = "onnx", model_config: dict | No
     row = get_target(target)
     if row.check is not None:
         row.check()  # before any work: one line saying what to install
+    quantize = check_quantize(quantize)
+    if quantize is not None and row.name != "onnx":
+        raise TokoptError(f"--quantize {quantize} quantizes ONNX Runtime engines (--target onnx), not {row.name}; "
+                          "for PyTorch use tokopt.optimize(model, quantize=...)")
     gm = opt.graph_module
     if gm is None:
         raise TokoptError("this model has no graph to export (it was itself loaded from an engine directory)")
+    if any(r.name == "quantize_weights" and r.changed for r in opt.report.passes):
+        raise TokoptError("this model's graph has eager-only quantized linears (optimize(quantize=...)); export the "
+                          "unquantized model with quantize='int8'/'int4' (tokopt export --quantize) instead")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
         raise TokoptError(f"{out_dir} exists and is not an engine directory; choose an empty or new directory")
@@ -206,6 +216,10 @@ def export_engine(opt, out_dir, *, target: str = "onnx", model_config: dict | No
     with tempfile.TemporaryDirectory(prefix=".tokopt-export-", dir=out_dir.parent) as tmp:
         tmp = Path(tmp)
         row.write(gm, spec, meta.output_names, tmp / row.graph_file)
+        quantized = None
+        if quantize is not None:
+            with progress_step(f"quantizing the weights ({quantize}, ONNX Runtime MatMulNBits)"):
+                quantized = quantize_onnx(tmp / row.graph_file, quantize, head=quantize_head)
         if opt.tokenizer is not None:
             opt.tokenizer.save_pretrained(tmp / "tokenizer")
         manifest = {
@@ -228,6 +242,8 @@ def export_engine(opt, out_dir, *, target: str = "onnx", model_config: dict | No
             "tokopt_ops": ops_in(gm),
             # the method config (method + fields; a draft model as its name or path); older engines hold a name
             "speculative": opt.speculative.to_dict() if opt.speculative is not None else None,
+            # weight-only quantization (tokopt.export.quantize): mode, bits, op, block size, head; None = fp32
+            "quantize": quantized,
             "generation": {"eos_token_ids": list(opt.defaults.eos_token_ids), "pad_token_id": opt.defaults.pad_token_id},
             "versions": versions(),
             "report": opt.report.to_dict() | {"export_s": time.perf_counter() - start,

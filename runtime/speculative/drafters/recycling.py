@@ -12,6 +12,12 @@ node's candidates the target chose), so the tree's shape follows what this model
 merged into the same tree (``lookup_nodes``, default 4; 0 gives the paper's pure recycling): on SmolLM2 over
 Spec-Bench this raised MAT from about 1.3 to 1.7 at the same tree cost (bench/RESULTS.md).
 
+Across processes: with a model key (``persist_as``, done by the method's builder) and ``config.persist``, the
+adjacency matrix and acceptance statistics are loaded from ``cache_dir()/recycling/<key hash>.npz`` when the
+drafter is built and written back atomically at the end of every ``generate`` call, so a fresh process starts
+warm (``persist``). With a latency profile, each verify forward's time is checked against it
+(``tree_size.LatencyWatch``) and a profile that is off by more than 2x is measured again once.
+
 Example::
 
     drafter = TokenRecycling(vocab_size=spec.vocab_size, config=RecyclingConfig(budget=8))
@@ -32,7 +38,10 @@ from tokopt.runtime.speculative.configs import RecyclingConfig  # the method's c
 from tokopt.runtime.speculative.drafters.base import Drafter, insert_path
 from tokopt.runtime.speculative.drafters.lookup import NgramIndex
 from tokopt.runtime.speculative.tree import DraftTree
-from tokopt.runtime.speculative.tree_size import best_size
+from tokopt.runtime.speculative.persist import load_arrays, note, save_arrays, state_path
+from tokopt.runtime.speculative.tree_size import LatencyWatch, best_size, remeasure
+
+STATE_FORMAT = 1  # of the persisted adjacency + statistics file
 
 
 class TokenRecycling(Drafter):
@@ -49,6 +58,8 @@ class TokenRecycling(Drafter):
         self._steps = 0
         self._snapshots = []
         self._ngrams = []
+        self._watch = None
+        self._state_path, self._state_header, self._dirty = None, None, False
 
     @property
     def wants_prefill_logits(self) -> bool:
@@ -63,7 +74,56 @@ class TokenRecycling(Drafter):
     def set_profile(self, profile, max_nodes: int = 32) -> None:
         """Size the tree from measured latency from now on (re-chosen whenever the template is reshaped)."""
         self.profile, self.max_nodes = profile, max_nodes
+        self._watch = LatencyWatch(profile) if profile is not None and profile.source is not None else None
         self._reshape()
+
+    def verify_timed(self, batch: int, nodes: int, seconds: float) -> None:
+        """The decode loop's time for one verify forward of ``nodes`` per row: checked against the profile (batch
+        1 only, what the profile measures); a profile off by more than 2x is measured again and trees resized."""
+        if self._watch is None or batch != 1:
+            return
+        ratio = self._watch.observe(nodes, seconds)
+        if ratio is None:
+            return
+        self._watch = None  # checked once per profile
+        fresh = remeasure(self.profile, f"verify steps ran at {ratio:.2g}x the cached profile's times")
+        if fresh is not None:
+            self.set_profile(fresh, self.max_nodes)
+            self._watch = None
+
+    # -- persistence across processes ----------------------------------------------------------------------------
+    def persist_as(self, model_key: str) -> "TokenRecycling":
+        """Load this model's saved adjacency and statistics (if any, and matching) and save them after every
+        ``generate`` call from now on; a no-op without a key or with ``config.persist`` off."""
+        if not model_key or not self.config.persist:
+            return self
+        self._state_path = state_path("recycling", model_key)
+        self._state_header = {"format": STATE_FORMAT, "vocab_size": int(self.adj.shape[0]), "k": self.config.k,
+                              "max_depth": self.config.max_depth, "model_key": model_key}
+        arrays = load_arrays(self._state_path, self._state_header)
+        if arrays is not None:
+            try:
+                adj, hits, trials = arrays["adj"], arrays["hits"], arrays["trials"]
+                if (adj.shape != tuple(self.adj.shape) or hits.shape != tuple(self.stats.hits.shape)
+                        or trials.shape != tuple(self.stats.trials.shape)):
+                    raise ValueError("array shapes differ")
+                self._adj[...] = adj.astype(np.int32)
+                self.stats.load_dict({"hits": hits.tolist(), "trials": trials.tolist()})
+                self._reshape()
+            except (KeyError, ValueError) as e:
+                note(f"ignoring {self._state_path}: {e}")
+        return self
+
+    def end(self) -> None:
+        """The end of a ``generate`` call: save the state if it changed."""
+        if self._state_path is None or not self._dirty:
+            return
+        self._dirty = False
+        try:
+            save_arrays(self._state_path, {"adj": self._adj, "hits": self.stats.hits.numpy(),
+                                           "trials": self.stats.trials.numpy()}, self._state_header)
+        except OSError as e:  # a read-only cache must not fail decoding
+            note(f"could not save Token Recycling state to {self._state_path}: {e}")
 
     def _reshape(self) -> None:
         rates = self.stats.rates()
@@ -74,6 +134,8 @@ class TokenRecycling(Drafter):
 
     def start(self, prompts, sampling):
         super().start(prompts, sampling)
+        if self._watch is not None:
+            self._watch.restart()
         self._ngrams = [NgramIndex(3, 1) for _ in prompts] if self.config.lookup_nodes else []
 
     def draft(self, histories):
@@ -101,6 +163,7 @@ class TokenRecycling(Drafter):
 
     def observe(self, tokens, logits, valid):
         recycling_update(self.adj, tokens, valid, logits)
+        self._dirty = True
 
     def feedback(self, trees, verdicts):
         for b, (tree, verdict, cand) in enumerate(zip(trees, verdicts, self._snapshots)):

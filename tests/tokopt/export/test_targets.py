@@ -110,7 +110,8 @@ def test_the_manifest_keeps_the_speculative_config(recycling_export):
     opt, path = recycling_export
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["speculative"] == {"method": "recycling", "budget": 5, "max_nodes": 32, "k": 8, "max_depth": 8,
-                                       "lookup_nodes": 4, "update_from_prefill": True, "reshape_every": 16}
+                                       "lookup_nodes": 4, "update_from_prefill": True, "reshape_every": 16,
+                                       "persist": True}
     loaded = load_engine(path)
     assert loaded.speculative == tokopt.RecyclingConfig(budget=5) and loaded.drafter.config.budget == 5
     want = opt.with_speculative(None).generate(IDS, MASK, max_new_tokens=10)
