@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -97,7 +98,10 @@ def _runners(config, model, tokenizer):
     for e, opt in engines.items():
         runners[e] = lambda ids, mask, opt=opt: (opt.generate(ids, mask, max_new_tokens=n), None)
         for m in config.methods:
-            specs[f"{e}+{m}"] = (opt, SpeculativeConfig(m, budget=config.budget))
+            cfg = SpeculativeConfig(m, budget=config.budget)
+            if hasattr(cfg, "persist"):  # every repeat starts cold: no state saved by an earlier run or process
+                cfg = dataclasses.replace(cfg, persist=False)
+            specs[f"{e}+{m}"] = (opt, cfg)
     return runners, specs
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tokopt.errors import TokoptError
+from tokopt.passes.linear_rows import linear_args, replace_linear
 from tokopt.passes.registry import PassConfig, PassReport, register_pass
 
 NAME = "quantize_weights"
@@ -164,25 +165,18 @@ def quantize_weights(gm: torch.fx.GraphModule, config: QuantizeWeightsConfig | N
                 gm.register_buffer(f"{base}_{i}", t)
                 names.append(f"{base}_{i}")
             made[key] = names
-        x = node.args[0]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        x, _, _ = linear_args(node)
         val = getattr(x, "meta", {}).get("val")
-        rank = val.dim() if isinstance(val, torch.Tensor) else 3
-        with graph.inserting_before(node):
-            qw, extra = (graph.get_attr(name) for name in made[key])
-            rows = graph.call_function(_aten.reshape.default, (x, [-1, k]))
+
+        def rows_product(g, x=x, k=k, bits=bits, names=made[key]):
+            qw, extra = (g.get_attr(name) for name in names)
+            rows = g.call_function(_aten.reshape.default, (x, [-1, k]))
             if bits == 8:
-                prod = graph.call_function(_aten._weight_int8pack_mm.default, (rows, qw, extra))
-            else:
-                prod = graph.call_function(_aten._weight_int4pack_mm_for_cpu.default,
-                                           (rows, qw, config.group_size, extra))
-            lead = [graph.call_function(_aten.sym_size.int, (x, d)) for d in range(rank - 1)]
-            out = graph.call_function(_aten.view.default, (prod, [*lead, n_out]))
-            if bias is not None:
-                out = graph.call_function(_aten.add.Tensor, (out, bias))
-        out.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+                return g.call_function(_aten._weight_int8pack_mm.default, (rows, qw, extra))
+            return g.call_function(_aten._weight_int4pack_mm_for_cpu.default, (rows, qw, config.group_size, extra))
+
+        replace_linear(graph, node, rank=val.dim() if isinstance(val, torch.Tensor) else 3, out_features=n_out,
+                       rows_product=rows_product)
         rewritten += 1
     graph.eliminate_dead_code()
     used = {n.target for n in graph.nodes if n.op == "get_attr"}

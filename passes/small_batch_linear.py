@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from tokopt.passes.linear_rows import linear_args, replace_linear
 from tokopt.passes.registry import PassReport, register_pass
 
 NAME = "small_batch_linear"
@@ -34,27 +35,21 @@ def small_batch_linear(gm: torch.fx.GraphModule, config=None):
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != _aten.linear.default:
             continue
-        x, weight = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        x, weight, _ = linear_args(node)
         val = getattr(x, "meta", {}).get("val")
         if not isinstance(val, torch.Tensor) or val.dim() < 2 or not val.is_contiguous():
             skipped += 1  # views below need a contiguous input; a copy would eat the gain
             continue
-        out_features = node.meta["val"].shape[-1]
-        with graph.inserting_before(node):
-            rows = graph.call_function(_aten.view.default, (x, [-1, val.shape[-1]]))  # [M, in], M = leading dims
-            prod = graph.call_function(_aten.mm.default, (weight, graph.call_function(_aten.t.default, (rows,))))
-            lead = [graph.call_function(_aten.sym_size.int, (x, d)) for d in range(val.dim() - 1)]
-            # [out, M] -> [M, out] -> x's leading dims. Always copy (clone), never reshape: whether reshape
-            # copies depends on M == 1, a guard torch.export cannot keep for a dynamic M.
-            rows_out = graph.call_function(_aten.clone.default, (graph.call_function(_aten.t.default, (prod,)),),
-                                           {"memory_format": torch.contiguous_format})
-            out = graph.call_function(_aten.view.default, (rows_out, [*lead, out_features]))
-            if bias is not None:
-                out = graph.call_function(_aten.add.Tensor, (out, bias))
-        out.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+
+        def rows_product(g, x=x, weight=weight, width=val.shape[-1]):
+            rows = g.call_function(_aten.view.default, (x, [-1, width]))  # [M, in], M = leading dims
+            prod = g.call_function(_aten.mm.default, (weight, g.call_function(_aten.t.default, (rows,))))
+            # [out, M] -> [M, out]. Always copy (clone), never reshape: whether reshape copies depends on M == 1,
+            # a guard torch.export cannot keep for a dynamic M.
+            return g.call_function(_aten.clone.default, (g.call_function(_aten.t.default, (prod,)),),
+                                   {"memory_format": torch.contiguous_format})
+
+        replace_linear(graph, node, rank=val.dim(), out_features=node.meta["val"].shape[-1], rows_product=rows_product)
         rewritten += 1
     if not rewritten:
         why = (f"{skipped} linear(s) found, none with a contiguous input of known rank >= 2" if skipped

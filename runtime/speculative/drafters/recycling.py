@@ -26,6 +26,9 @@ Example::
 
 from __future__ import annotations
 
+import atexit
+import time
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -42,6 +45,7 @@ from tokopt.runtime.speculative.persist import load_arrays, note, save_arrays, s
 from tokopt.runtime.speculative.tree_size import LatencyWatch, best_size, remeasure
 
 STATE_FORMAT = 1  # of the persisted adjacency + statistics file
+SAVE_EVERY_S = 30.0  # a drafter writes its state at most this often (the first change at once); the rest at exit
 
 
 class TokenRecycling(Drafter):
@@ -60,6 +64,7 @@ class TokenRecycling(Drafter):
         self._ngrams = []
         self._watch = None
         self._state_path, self._state_header, self._dirty = None, None, False
+        self._saved_at = None  # perf_counter of the last save
 
     @property
     def wants_prefill_logits(self) -> bool:
@@ -115,10 +120,22 @@ class TokenRecycling(Drafter):
         return self
 
     def end(self) -> None:
-        """The end of a ``generate`` call: save the state if it changed."""
+        """The end of a ``generate`` call: save the state if it changed, at most every ``SAVE_EVERY_S`` (a server's
+        requests do not each write the file; what is left is written when the process exits)."""
         if self._state_path is None or not self._dirty:
             return
+        if self._saved_at is not None and time.perf_counter() - self._saved_at < SAVE_EVERY_S:
+            return
+        self.save()
+
+    def save(self) -> None:
+        """Write the adjacency and statistics now, if they changed since the last save."""
+        if self._state_path is None or not self._dirty:
+            return
+        if self._saved_at is None:  # the first save: also flush what later calls leave at exit
+            atexit.register(_save_at_exit, weakref.ref(self))
         self._dirty = False
+        self._saved_at = time.perf_counter()
         try:
             save_arrays(self._state_path, {"adj": self._adj, "hits": self.stats.hits.numpy(),
                                            "trials": self.stats.trials.numpy()}, self._state_header)
@@ -183,3 +200,9 @@ class TokenRecycling(Drafter):
 
     def state_bytes(self) -> int:
         return self.adj.numel() * self.adj.element_size()
+
+
+def _save_at_exit(ref) -> None:
+    drafter = ref()
+    if drafter is not None:
+        drafter.save()

@@ -101,3 +101,16 @@ def test_cli_remeasure_forgets_states_and_profiles(cache, monkeypatch, capsys):
     assert "deleted 1 latency profile(s) and 1 Token Recycling state(s)" in capsys.readouterr().out
     assert not list((cache / "recycling").iterdir()) and not list((cache / "latency").iterdir())
     assert persist.forget_states("recycling") == []
+
+
+def test_saves_are_throttled_and_flushed_on_demand(plain, cache):
+    """The first changed call writes at once; later calls within SAVE_EVERY_S leave the file alone (no write per
+    request) until ``save()`` (also what runs at exit) writes the newer state."""
+    spec = _spec(plain)
+    spec.generate(IDS, max_new_tokens=16, eos_token_id=[])
+    path = spec.drafter._state_path
+    first = path.read_bytes()
+    spec.generate(IDS[:, :6], max_new_tokens=16, eos_token_id=[])
+    assert spec.drafter._dirty and path.read_bytes() == first
+    spec.drafter.save()
+    assert not spec.drafter._dirty and path.read_bytes() != first
